@@ -1,0 +1,1 @@
+"""Noise-schedule math and DDIM sampling (jitted, CFG, optional image tokens)."""

@@ -1,0 +1,83 @@
+"""Text (and optional image) to image: prompts + seeds -> uint8 images, batched and jitted.
+
+One compiled program per (batch size, steps, guidance): text encoding, the DDIM loop with CFG
+and the VAE decode all run inside it. The last batch is padded, so it reuses the same program.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from coerase_jax.diffusion.sampling import Conditioning, denoise, initial_latents
+from coerase_jax.diffusion.schedule import NoiseSchedule
+from coerase_jax.errors import UserError
+from coerase_jax.models.bundle import Bundle
+
+
+class Sampler:
+    def __init__(self, bundle: Bundle, steps: int = 25, guidance_scale: float = 7.5, batch_size: int = 8):
+        self.bundle = bundle
+        self.plan = NoiseSchedule.from_config(bundle.scheduler_config).ddim_plan(steps)
+        self.guidance_scale = float(guidance_scale)
+        self.batch_size = int(batch_size)
+        if self.batch_size < 1:
+            raise UserError(f"batch size must be positive, got {batch_size}")
+        self._sample = jax.jit(self._sample_batch)
+
+    def _sample_batch(self, unet_params, text_params, cond_ids, uncond_ids, seeds, image_tokens, uncond_image_tokens):
+        b = self.bundle
+        cond = Conditioning(b.encode_text(text_params, cond_ids), image_tokens)
+        uncond = None
+        if self.guidance_scale != 1.0:
+            uncond = Conditioning(b.encode_text(text_params, uncond_ids), uncond_image_tokens)
+        latents = initial_latents(seeds, b.latent_shape)
+        latents = denoise(b.unet_eps, unet_params, latents, self.plan, cond, uncond, self.guidance_scale)
+        return b.decode(latents)
+
+    def __call__(self, prompts: Sequence[str], seeds: Sequence[int], *, negative_prompt: str = "",
+                 unet_params=None, image_embeds: np.ndarray | None = None, progress: bool = True) -> np.ndarray:
+        """Images (N, H, W, 3) uint8 for prompts[i] with seeds[i]; ``image_embeds`` (N, D) adds image tokens."""
+        if len(prompts) != len(seeds):
+            raise UserError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        if not prompts:
+            return np.zeros((0,) + (0, 0, 3), np.uint8)
+        b = self.bundle
+        unet_params = b.unet_params if unet_params is None else unet_params
+        ids = b.tokenize(list(prompts))
+        uncond_ids = np.repeat(b.tokenize([negative_prompt]), len(prompts), axis=0)
+        tokens = uncond_tokens = None
+        if image_embeds is not None:
+            embeds = jnp.asarray(image_embeds)
+            tokens = b.image_tokens(b.image.proj_params, embeds)
+            uncond_tokens = b.image_tokens(b.image.proj_params, jnp.zeros_like(embeds))
+        seeds = np.asarray(seeds, np.uint32)
+        out = []
+        n, bs = len(prompts), self.batch_size
+        for start in tqdm(range(0, n, bs), desc="sampling", unit="batch", disable=not progress):
+            idx = np.arange(start, start + bs) % n  # pad the last batch by wrapping around
+            take = lambda a: None if a is None else a[idx]
+            images = self._sample(unet_params, b.text_params, ids[idx], uncond_ids[idx], seeds[idx],
+                                  take(tokens), take(uncond_tokens))
+            out.append(np.asarray(images)[: min(bs, n - start)])
+        return to_uint8(np.concatenate(out))
+
+
+def to_uint8(images01: np.ndarray) -> np.ndarray:
+    return np.clip(np.round(np.asarray(images01) * 255.0), 0, 255).astype(np.uint8)
+
+
+def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
+    """(N, H, W, 3) -> one (rows*H, cols*W, 3) image, row-major."""
+    n, h, w, c = images.shape
+    columns = columns or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / columns))
+    grid = np.full((rows * h, columns * w, c), 255, images.dtype)
+    for i, image in enumerate(images):
+        r, col = divmod(i, columns)
+        grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = image
+    return grid

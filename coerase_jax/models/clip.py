@@ -1,0 +1,93 @@
+"""CLIP towers: the text encoder that conditions SD, and the vision encoder IP-Adapter uses.
+
+transformers has Flax CLIP transformers but no ``FlaxCLIPVisionModelWithProjection``; the vision
+encoder here adds the ``visual_projection`` (no bias) to the pooled output itself, so the
+parameter tree matches the PyTorch ``CLIPVisionModelWithProjection`` file key for key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from transformers import CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig
+from transformers.models.clip.modeling_flax_clip import FlaxCLIPTextTransformer, FlaxCLIPVisionTransformer
+
+# CLIP's own preprocessing statistics (OpenAI CLIP, also ViT-H/14 open_clip).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# The PyTorch reference normalises with 0.5/0.5 (a bug); kept only as an explicit option.
+HALF_MEAN = HALF_STD = (0.5, 0.5, 0.5)
+
+
+class CLIPTextEncoder(nn.Module):
+    """Token ids (B, L) -> last hidden states (B, L, hidden), as ``CLIPTextModel`` gives SD."""
+
+    config: CLIPTextConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array) -> jax.Array:
+        position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[-1])[None], input_ids.shape)
+        out = FlaxCLIPTextTransformer(self.config, dtype=self.dtype, name="text_model")(
+            input_ids, jnp.ones_like(input_ids), position_ids, deterministic=True)
+        return out.last_hidden_state
+
+    def init_params(self, rng: jax.Array) -> dict:
+        ids = jnp.zeros((1, self.config.max_position_embeddings), jnp.int32)
+        return self.init(rng, ids)["params"]
+
+
+class CLIPImageEncoder(nn.Module):
+    """Pixels (B, H, W, 3), already CLIP-preprocessed -> ``image_embeds`` (B, projection_dim)."""
+
+    config: CLIPVisionConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, pixel_values: jax.Array) -> jax.Array:
+        pooled = FlaxCLIPVisionTransformer(self.config, dtype=self.dtype, name="vision_model")(
+            pixel_values, deterministic=True).pooler_output
+        return nn.Dense(self.config.projection_dim, use_bias=False, dtype=self.dtype,
+                        name="visual_projection")(pooled)
+
+    def init_params(self, rng: jax.Array) -> dict:
+        size = self.config.image_size
+        return self.init(rng, jnp.zeros((1, size, size, 3), jnp.float32))["params"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipPreprocess:
+    """CLIP's image preprocessing as a jittable function: resize short side, centre crop, normalise."""
+
+    size: int = 224
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        """images: (B, H, W, 3) floats in [0, 1] -> (B, size, size, 3) normalised."""
+        b, h, w, c = images.shape
+        scale = self.size / min(h, w)
+        new_h, new_w = max(self.size, round(h * scale)), max(self.size, round(w * scale))
+        if (new_h, new_w) != (h, w):
+            images = jax.image.resize(images, (b, new_h, new_w, c), method="bicubic", antialias=True)
+        top, left = (new_h - self.size) // 2, (new_w - self.size) // 2
+        images = images[:, top:top + self.size, left:left + self.size, :]
+        mean = jnp.asarray(self.mean, images.dtype)
+        std = jnp.asarray(self.std, images.dtype)
+        return (images - mean) / std
+
+
+def tokenize(tokenizer: CLIPTokenizer, prompts: list[str], length: int | None = None) -> np.ndarray:
+    """Prompts -> (B, L) int32 ids, padded/truncated to the text encoder's length, as SD does."""
+    length = length or tokenizer.model_max_length
+    ids = tokenizer(list(prompts), padding="max_length", max_length=length, truncation=True,
+                    return_tensors="np").input_ids
+    return ids.astype(np.int32)
+
+
+def load_tokenizer(folder: str) -> CLIPTokenizer:
+    return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
