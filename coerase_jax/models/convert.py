@@ -181,12 +181,12 @@ def read_torch_weights(folder: Path, stem: str, component: str, allow_pickle: bo
         for shard in sorted(set(weight_map.values())):
             state.update(read_safetensors(folder / shard))
         return state
-    pickles = sorted(p for p in folder.glob(f"{stem}*") if p.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
+    pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES) if folder.is_dir() else []
     if pickles and not allow_pickle:
         raise UserError(
             f"{component}: only a pickle checkpoint was found ({pickles[0]}); pickle files can run code when "
             f"loaded, so they are refused. Use the {stem}.safetensors file of the same model (the Hub "
-            f"offers it for SD 1.x), or pass --allow-pickle if you trust this file.")
+            f"offers it for SD 1.x), or set --config.model.allow_pickle=true if you trust this file.")
     if pickles:
         return _read_pickle(pickles[0])
     if not folder.is_dir():

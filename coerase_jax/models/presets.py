@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import jax
+import numpy as np
 from transformers import CLIPTextConfig, CLIPVisionConfig
 from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
@@ -96,38 +97,61 @@ def write_byte_tokenizer(folder: Path, merges: list[tuple[str, str]] = ()) -> in
     return len(vocab)
 
 
+def random_params(init_fn, rng: np.random.Generator) -> dict:
+    """Seeded random weights of the tree ``init_fn`` builds, drawn in numpy.
+
+    Only the tree's shapes are traced (no XLA compile of the initialisers, which costs ~20 s on
+    CPU for the tiny stack): kernels ~ N(0, 1/fan_in), norm scales 1, biases 0, tables N(0, 0.02).
+    """
+    abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+
+    def draw(path, leaf):
+        name = path[-1].key
+        if name == "scale":
+            return np.ones(leaf.shape, np.float32)
+        if name == "bias":
+            return np.zeros(leaf.shape, np.float32)
+        if name == "kernel":
+            fan_in = int(np.prod(leaf.shape[:-1]))
+            return rng.normal(0.0, fan_in ** -0.5, leaf.shape).astype(np.float32)
+        return rng.normal(0.0, 0.02, leaf.shape).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, abstract)
+
+
 def write_tiny_bundle(folder: str | Path, seed: int = 0) -> Path:
     """Writes the ``tiny`` preset (random weights, seeded) as a diffusers-layout folder."""
     folder = Path(folder)
-    keys = jax.random.split(jax.random.PRNGKey(seed), 5)
+    rng = np.random.default_rng(seed)
 
     unet = UNet(TINY_UNET, with_image_kv=True)
-    unet_params = unet.init_params(keys[0])
+    unet_params = random_params(unet.init_params, rng)
     export_unet(unet_params, TINY_UNET, folder / "unet")
 
     vae = vae_lib.build_vae(TINY_VAE)
     convert.write_safetensors(folder / "vae" / "diffusion_pytorch_model.safetensors",
-                              convert.flax_to_torch_state(vae_lib.init_vae_params(vae, keys[1])))
+                              convert.flax_to_torch_state(random_params(lambda k: vae_lib.init_vae_params(vae, k), rng)))
     convert.write_json(folder / "vae" / "config.json", TINY_VAE)
 
     vocab_size = write_byte_tokenizer(folder / "tokenizer")
     text_config = tiny_text_config(vocab_size)
     text = CLIPTextEncoder(text_config)
     convert.write_safetensors(folder / "text_encoder" / "model.safetensors",
-                              convert.flax_to_torch_state(text.init_params(keys[2])))
+                              convert.flax_to_torch_state(random_params(text.init_params, rng)))
     convert.write_json(folder / "text_encoder" / "config.json",
                        {**text_config.to_dict(), "architectures": ["CLIPTextModel"]})
 
     vision_config = tiny_vision_config()
     vision = CLIPImageEncoder(vision_config)
     convert.write_safetensors(folder / "image_encoder" / "model.safetensors",
-                              convert.flax_to_torch_state(vision.init_params(keys[3])))
+                              convert.flax_to_torch_state(random_params(vision.init_params, rng)))
     convert.write_json(folder / "image_encoder" / "config.json",
                        {**vision_config.to_dict(), "architectures": ["CLIPVisionModelWithProjection"]})
 
     proj = ImageProjection(TINY_UNET.cross_attention_dim, 4)
     _, kv = split_image_kv(unet_params)
-    state = convert.ip_adapter_from_flax(proj.init_params(keys[4], vision_config.projection_dim), kv,
+    proj_params = random_params(lambda k: proj.init_params(k, vision_config.projection_dim), rng)
+    state = convert.ip_adapter_from_flax(proj_params, kv,
                                          cross_attention_paths(unet_params))
     convert.write_safetensors(folder / "ip-adapter_sd15.safetensors", state)
 

@@ -1,0 +1,34 @@
+"""The ``coerase`` command: sample writes images, grid and manifest; bad config keys are one-line errors."""
+
+import json
+
+from PIL import Image
+
+from coerase_jax.cli import main
+
+
+def test_sample_writes_pngs_grid_and_manifest(tmp_path):
+    out = tmp_path / "samples"
+    code = main(["sample", "--config", "configs/tiny.py", "--prompt", "a red circle", "--prompt", "a blue square",
+                 "--out", str(out), "--config.sample.steps=2", "--config.sample.num_images_per_prompt=2"])
+    assert code == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [m["prompt"] for m in manifest["images"]] == ["a red circle", "a blue square"] * 2
+    assert len({m["seed"] for m in manifest["images"]}) == 4
+    for entry in manifest["images"]:
+        assert Image.open(out / entry["file"]).size == (32, 32)
+    assert Image.open(out / "grid.png").size == (64, 64)
+    assert manifest["config"]["sample"]["steps"] == 2
+
+
+def test_unknown_config_key_is_a_one_line_error(tmp_path, capsys):
+    code = main(["sample", "--out", str(tmp_path), "--config.sample.stepz=3"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == "coerase: error: unknown config key 'sample.stepz' (did you mean sample.steps, " \
+                                "sample.seed, sample?)"
+
+
+def test_badly_typed_override_is_a_one_line_error(tmp_path, capsys):
+    code = main(["sample", "--out", str(tmp_path), "--config.sample.steps=many"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--config.sample.steps" in err and "int" in err

@@ -1,0 +1,88 @@
+"""DDIM math against diffusers' scheduler, the traced-length loop, CFG, and the tiny pipeline."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from coerase_jax.diffusion.pipeline import Sampler
+from coerase_jax.diffusion.sampling import Conditioning, denoise, guided_eps
+from coerase_jax.diffusion.schedule import NoiseSchedule, ddim_step
+from coerase_jax.models.clip import CLIP_MEAN, CLIP_STD, ClipPreprocess
+from coerase_jax.models.presets import SD_SCHEDULER
+
+
+def test_ddim_matches_diffusers_flax_scheduler():
+    from diffusers import FlaxDDIMScheduler
+
+    scheduler = FlaxDDIMScheduler.from_config({k: v for k, v in SD_SCHEDULER.items() if k != "_class_name"})
+    state = scheduler.set_timesteps(scheduler.create_state(), 50, (1, 4, 8, 8))
+    plan = NoiseSchedule.from_config(SD_SCHEDULER).ddim_plan(50)
+    np.testing.assert_array_equal(np.asarray(plan.timesteps), np.asarray(state.timesteps))
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (1, 4, 8, 8))
+    for k in (0, 1, 25, 49):  # includes the last step, whose successor is the "final" alpha
+        eps = jax.random.normal(jax.random.PRNGKey(k + 1), x.shape)
+        expected = scheduler.step(state, eps, state.timesteps[k], x).prev_sample
+        got = ddim_step(x, eps, plan.alpha[k], plan.alpha_prev[k])
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-5)
+
+
+def _toy_denoiser(params, x, t, text, image_tokens):
+    """A cheap stand-in for the UNet whose output depends on every input."""
+    out = params * x + 1e-3 * t[:, None, None, None] + text.mean(axis=(1, 2))[:, None, None, None]
+    if image_tokens is not None:
+        out = out + image_tokens.mean(axis=(1, 2))[:, None, None, None]
+    return out
+
+
+def test_denoise_compiles_once_for_every_step_count_and_goes_downwards():
+    plan = NoiseSchedule.from_config(SD_SCHEDULER).ddim_plan(10)
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 8, 8))
+    cond = Conditioning(jnp.ones((2, 3, 5)))
+    run = jax.jit(lambda i: denoise(_toy_denoiser, 0.1, x, plan, cond, num_steps=i))
+    results = {i: run(jnp.int32(i)) for i in (0, 3, 7)}
+    assert run._cache_size() == 1
+
+    manual = x
+    for k in range(3):  # from the noisiest timestep (981) down
+        t = jnp.full((2,), plan.timesteps[k])
+        manual = ddim_step(manual, _toy_denoiser(0.1, manual, t, cond.text, None), plan.alpha[k], plan.alpha_prev[k])
+    np.testing.assert_allclose(np.asarray(results[3]), np.asarray(manual), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(results[0]), np.asarray(x))
+    assert int(plan.timesteps[0]) == 901 and np.all(np.diff(np.asarray(plan.timesteps)) < 0)
+
+
+def test_classifier_free_guidance_formula():
+    x = jnp.ones((2, 1, 2, 2))
+    t = jnp.array([5, 5])
+    cond = Conditioning(jnp.full((2, 3, 4), 2.0), jnp.full((2, 4, 4), 0.5))
+    uncond = Conditioning(jnp.zeros((2, 3, 4)), jnp.zeros((2, 4, 4)))
+    got = guided_eps(_toy_denoiser, 1.0, x, t, cond, uncond, 3.0)
+    eps_c = 1.0 + 5e-3 + 2.0 + 0.5
+    eps_u = 1.0 + 5e-3
+    np.testing.assert_allclose(np.asarray(got), eps_u + 3.0 * (eps_c - eps_u), rtol=1e-6)
+    with pytest.raises(ValueError):
+        guided_eps(_toy_denoiser, 1.0, x, t, cond, Conditioning(uncond.text), 3.0)
+
+
+def test_clip_preprocessing_uses_clip_statistics_and_centre_crop():
+    image = np.zeros((1, 32, 48, 3), np.float32)
+    image[:, :, 8:40, :] = 0.25  # the centre 32 columns
+    out = np.asarray(ClipPreprocess(size=32)(jnp.asarray(image)))
+    assert out.shape == (1, 32, 32, 3)
+    expected = (0.25 - np.asarray(CLIP_MEAN)) / np.asarray(CLIP_STD)
+    np.testing.assert_allclose(out[0, 5, 5], expected, rtol=1e-5)
+    np.testing.assert_allclose(out, np.broadcast_to(expected, out.shape), rtol=1e-5)
+
+
+def test_sampler_is_seeded_and_independent_of_batch_mates(tiny_bundle):
+    sampler = Sampler(tiny_bundle, steps=3, guidance_scale=3.0, batch_size=2)
+    images = sampler(["a red circle", "a blue square", "a green triangle"], [11, 12, 13], progress=False)
+    assert images.shape == (3, 32, 32, 3) and images.dtype == np.uint8
+    alone = sampler(["a blue square"], [12], progress=False)
+    np.testing.assert_array_equal(alone[0], images[1])
+    other_seed = sampler(["a blue square"], [99], progress=False)
+    assert np.abs(other_seed[0].astype(int) - images[1].astype(int)).max() > 0
+    with_image = sampler(["a blue square"], [12], image_embeds=np.ones((1, 32), np.float32), progress=False)
+    assert np.abs(with_image[0].astype(int) - images[1].astype(int)).max() > 0

@@ -1,0 +1,158 @@
+"""The UNet: same tree and outputs as diffusers' Flax UNet; decoupled attention by hand."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from coerase_jax.errors import UserError
+from coerase_jax.models.presets import random_params
+from coerase_jax.models.unet import Attention, Precision, UNet, UNetConfig, cross_attention_paths, split_image_kv
+
+# Cross-attention in down, mid and up blocks; channels multiple of 32 (diffusers' Flax GroupNorm).
+PARITY_CONFIG = dict(
+    sample_size=8, in_channels=4, out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(32, 64, 64), layers_per_block=1, attention_head_dim=(2, 4, 4), cross_attention_dim=32,
+)
+
+
+def _inputs(batch=2, dim=32, seq=77):
+    keys = jax.random.split(jax.random.PRNGKey(7), 3)
+    x = jax.random.normal(keys[0], (batch, 4, 8, 8))
+    t = jnp.array([10, 731][:batch])
+    text = jax.random.normal(keys[1], (batch, seq, dim))
+    image = jax.random.normal(keys[2], (batch, 4, dim))
+    return x, t, text, image
+
+
+def test_matches_diffusers_flax_unet_on_same_params():
+    from diffusers import FlaxUNet2DConditionModel
+
+    reference = FlaxUNet2DConditionModel(**PARITY_CONFIG)
+    ref_params = random_params(reference.init_weights, np.random.default_rng(0))
+    ours = UNet(UNetConfig(**PARITY_CONFIG), precision=Precision(numerics="diffusers_flax"))
+
+    shapes = lambda tree: {k: v.shape for k, v in traverse_util.flatten_dict(dict(tree)).items()}
+    assert shapes(jax.eval_shape(ours.init_params, jax.random.PRNGKey(1))) == shapes(ref_params)
+    assert len(shapes(ref_params)) > 150
+
+    x, t, text, _ = _inputs()
+    expected = jax.jit(lambda p: reference.apply({"params": p}, x, t, text).sample)(ref_params)
+    got = jax.jit(lambda p: ours.apply({"params": p}, x, t, text))(ref_params)
+    assert float(jnp.abs(expected).max()) > 0.1
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=2e-5, rtol=1e-5)
+
+
+def test_torch_numerics_differ_from_diffusers_flax_numerics():
+    """The two numerics settings are really different computations (exact vs tanh GELU, eps)."""
+    cfg = UNetConfig(**PARITY_CONFIG)
+    params = random_params(UNet(cfg).init_params, np.random.default_rng(0))
+    x, t, text, _ = _inputs()
+    run = jax.jit(lambda p, numerics: UNet(cfg, precision=Precision(numerics=numerics)).apply(
+        {"params": p}, x, t, text), static_argnums=1)
+    a, b = run(params, "torch"), run(params, "diffusers_flax")
+    assert 1e-6 < float(jnp.abs(a - b).max()) < 1e-1
+
+
+def _softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(-1, keepdims=True)
+
+
+def test_decoupled_attention_equals_numpy():
+    heads, dim = 2, 8
+    layer = Attention(heads, Precision(), with_image_kv=True)
+    keys = jax.random.split(jax.random.PRNGKey(3), 4)
+    x = jax.random.normal(keys[0], (1, 5, dim))
+    text = jax.random.normal(keys[1], (1, 7, dim))
+    image = jax.random.normal(keys[2], (1, 4, dim))
+    params = layer.init(keys[3], x, text, image)["params"]
+    scale = 0.7
+    got = np.asarray(layer.apply({"params": params}, x, text, image, scale))
+
+    w = {name: np.asarray(params[name]["kernel"]) for name in ("to_q", "to_k", "to_v", "to_k_ip", "to_v_ip")}
+    x_, t_, i_ = (np.asarray(a[0]) for a in (x, text, image))
+    d = dim // heads
+    q, k, v, kp, vp = x_ @ w["to_q"], t_ @ w["to_k"], t_ @ w["to_v"], i_ @ w["to_k_ip"], i_ @ w["to_v_ip"]
+    out = np.zeros((5, dim))
+    for h in range(heads):
+        s = slice(h * d, (h + 1) * d)
+        out[:, s] = (_softmax(q[:, s] @ k[:, s].T / np.sqrt(d)) @ v[:, s]
+                     + scale * _softmax(q[:, s] @ kp[:, s].T / np.sqrt(d)) @ vp[:, s])
+    expected = out @ np.asarray(params["to_out_0"]["kernel"]) + np.asarray(params["to_out_0"]["bias"])
+    np.testing.assert_allclose(got[0], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_image_scale_zero_equals_no_image_tokens():
+    cfg = UNetConfig(**PARITY_CONFIG)
+    unet = UNet(cfg, with_image_kv=True)
+    params = random_params(unet.init_params, np.random.default_rng(0))
+    x, t, text, image = _inputs()
+    run = jax.jit(lambda image, scale: unet.apply({"params": params}, x, t, text, image, scale))
+    plain = jax.jit(lambda: unet.apply({"params": params}, x, t, text))()
+    scaled_off, with_image = run(image, 0.0), run(image, 1.0)
+    np.testing.assert_allclose(np.asarray(scaled_off), np.asarray(plain), atol=1e-6)
+    assert float(jnp.abs(with_image - plain).max()) > 1e-3  # the image tokens do reach the output
+
+
+def test_image_tokens_are_not_carved_out_of_text():
+    """The reference treats the last 4 text tokens as image tokens; ours never looks at them that way."""
+    cfg = UNetConfig(**PARITY_CONFIG)
+    ip_unet = UNet(cfg, with_image_kv=True)
+    params = random_params(ip_unet.init_params, np.random.default_rng(0))
+    x, t, text, _ = _inputs()
+    plain_params, _ = split_image_kv(params)
+    a = jax.jit(lambda p: ip_unet.apply({"params": p}, x, t, text))(params)
+    b = jax.jit(lambda p: UNet(cfg).apply({"params": p}, x, t, text))(plain_params)
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_image_tokens_without_image_kv_is_an_error():
+    cfg = UNetConfig(**PARITY_CONFIG)
+    unet = UNet(cfg)
+    params = random_params(unet.init_params, np.random.default_rng(0))
+    x, t, text, image = _inputs()
+    with pytest.raises(UserError, match="without IP-Adapter"):
+        jax.eval_shape(lambda: unet.apply({"params": params}, x, t, text, image))
+
+
+def test_cross_attention_order_is_diffusers_processor_order():
+    params = jax.eval_shape(UNet(UNetConfig(**PARITY_CONFIG), with_image_kv=True).init_params, jax.random.PRNGKey(0))
+    order = [".".join(p[:2]) for p in cross_attention_paths(params)]
+    # down blocks, then up blocks, then the mid block (diffusers registers up_blocks before mid_block)
+    assert order == ["down_blocks_0.attentions_0", "down_blocks_1.attentions_0",
+                     "up_blocks_1.attentions_0", "up_blocks_1.attentions_1",
+                     "up_blocks_2.attentions_0", "up_blocks_2.attentions_1", "mid_block.attentions_0"]
+
+
+def test_remat_and_bf16_keep_the_function():
+    cfg = UNetConfig(sample_size=8, block_out_channels=(32,), down_block_types=("CrossAttnDownBlock2D",),
+                     up_block_types=("CrossAttnUpBlock2D",), layers_per_block=1, attention_head_dim=2,
+                     cross_attention_dim=32)
+    params = random_params(UNet(cfg).init_params, np.random.default_rng(0))
+    x, t, text, _ = _inputs()
+
+    def loss(p, precision):
+        return jnp.mean(UNet(cfg, precision=precision).apply({"params": p}, x, t, text) ** 2)
+
+    value_and_grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+    base_value, base_grad = value_and_grad(params, Precision())
+    remat_value, remat_grad = value_and_grad(params, Precision(remat="full"))
+    np.testing.assert_allclose(remat_value, base_value, rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(base_grad), jax.tree_util.tree_leaves(remat_grad)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-4)
+    bf16_value = jax.jit(loss, static_argnums=1)(params, Precision(dtype=jnp.bfloat16))
+    np.testing.assert_allclose(float(bf16_value), float(base_value), rtol=0.05)
+
+
+def test_unsupported_unet_config_is_a_clear_error():
+    with pytest.raises(UserError, match="class_embed_type"):
+        UNetConfig.from_diffusers({"class_embed_type": "timestep", "block_out_channels": [32, 64]})
+    with pytest.raises(UserError, match="norm groups"):
+        UNetConfig.from_diffusers({**PARITY_CONFIG, "block_out_channels": [48, 64, 64]})
+    cfg = UNetConfig.from_diffusers(UNetConfig(**PARITY_CONFIG).to_diffusers())
+    assert cfg == UNetConfig(**PARITY_CONFIG)
