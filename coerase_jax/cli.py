@@ -61,7 +61,48 @@ def cmd_sample(args, config) -> None:
           f"including compilation)")
 
 
-COMMANDS = {"sample": cmd_sample}
+def cmd_erase(args, config) -> None:
+    from coerase_jax.erase.trainer import run_erasure
+    from coerase_jax.models.bundle import load_bundle_from_config
+
+    if args.run_dir:
+        with config.unlocked():
+            config.run_dir = args.run_dir
+    bundle = load_bundle_from_config(config.model)
+    run_erasure(config, bundle)
+    print(f"finished: {config.run_dir} (export with: coerase export --run {config.run_dir} --out DIR)")
+
+
+def cmd_refs(args, config) -> None:
+    from coerase_jax.data.references import generate_references
+    from coerase_jax.models.bundle import load_bundle_from_config
+
+    d = config.data
+    out = Path(args.out or (Path(config.run_dir) / "references"))
+    bundle = load_bundle_from_config(config.model)
+    prompts = list(config.concept.reference_prompts) or list(config.concept.prompts)
+    generate_references(bundle, out, prompts, d.num_references, d.reference_seed, d.reference_steps,
+                        d.reference_guidance, d.reference_batch_size)
+    print(f"wrote {d.num_references} reference images and manifest.json to {out}")
+
+
+def cmd_export(args, config) -> None:
+    from coerase_jax.configuration import config_from_run
+    from coerase_jax.erase.trainer import final_params
+    from coerase_jax.models.bundle import load_bundle_from_config
+    from coerase_jax.models.export import export_unet, export_unet_flax
+
+    config = config_from_run(args.run)
+    bundle = load_bundle_from_config(config.model)
+    params = final_params(config, bundle)
+    out = Path(args.out) / "unet"
+    export_unet(params, bundle.unet_config, out)
+    export_unet_flax(params, bundle.unet_config, out)
+    print(f"wrote {out}/diffusion_pytorch_model.safetensors (diffusers PyTorch layout), "
+          f"diffusion_flax_model.msgpack (Flax layout) and config.json")
+
+
+COMMANDS = {"sample": cmd_sample, "erase": cmd_erase, "refs": cmd_refs, "export": cmd_export}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,11 +112,22 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--config", default=DEFAULT_CONFIG, help="config file (default: configs/tiny.py)")
     sample.add_argument("--prompt", action="append", help="a prompt (repeatable); overrides sample.prompts")
     sample.add_argument("--out", required=True, help="output folder for PNGs, grid.png and manifest.json")
+    erase = sub.add_parser("erase", help="erase a concept (text stage, then the Co-Erasing image stage)")
+    erase.add_argument("--config", default=DEFAULT_CONFIG)
+    erase.add_argument("--run-dir", help="run directory (overrides run_dir); an existing one resumes")
+    refs = sub.add_parser("refs", help="generate reference images of the concept with the original model")
+    refs.add_argument("--config", default=DEFAULT_CONFIG)
+    refs.add_argument("--out", help="output folder (default: run_dir/references)")
+    export = sub.add_parser("export", help="write a run's erased UNet (diffusers PyTorch and Flax layouts)")
+    export.add_argument("--run", required=True, help="a finished run directory")
+    export.add_argument("--out", required=True)
+    export.add_argument("--config", default=DEFAULT_CONFIG, help=argparse.SUPPRESS)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from coerase_jax.configuration import OVERRIDE_PREFIX, load_config
+    from coerase_jax.erase.trainer import Preempted
 
     argv = sys.argv[1:] if argv is None else argv
     overrides = [a for a in argv if a.startswith(OVERRIDE_PREFIX)]
@@ -88,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"coerase: error: {err}", file=sys.stderr)
         return 2
+    except Preempted as note:
+        print(f"coerase: {note}", file=sys.stderr)
+        return 143
     return 0
 
 

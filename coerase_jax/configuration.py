@@ -105,6 +105,21 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     return apply_overrides(load_config_file(spec), overrides)
 
 
+def config_from_run(run_dir: str) -> ml_collections.ConfigDict:
+    """The resolved config a run directory was made with (its config.json)."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a run directory (no config.json)")
+    config = ml_collections.ConfigDict(json.loads(path.read_text()))
+    for section in config.values():  # JSON turned tuples into lists
+        if isinstance(section, ml_collections.ConfigDict):
+            for key, value in section.items():
+                if isinstance(value, list):
+                    section[key] = tuple(value)
+    config.lock()
+    return config
+
+
 def to_json(config: ml_collections.ConfigDict) -> str:
     return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
 
@@ -130,4 +145,84 @@ def base_config(source: str) -> ml_collections.ConfigDict:
         "guidance_scale": 7.5,
         "batch_size": 8,
     })
+    config.run_dir = ""  # where `erase` keeps config.json, references, checkpoints and metrics
+    config.concept = ml_collections.ConfigDict({
+        "name": "concept",
+        "prompts": ("a photo of a cat",),  # sampled per step
+        "guide_prompt": "",  # text guiding the refinement ("" = each step's concept prompt)
+        "reference_prompts": (),  # prompts for generating reference images ("" = the concept prompts)
+    })
+    config.data = ml_collections.ConfigDict({
+        "image_dir": "",  # a folder of reference images ("" = generate them into run_dir/references)
+        "num_references": 100,
+        "reference_seed": 0,
+        "reference_steps": 50,
+        "reference_guidance": 7.5,
+        "reference_batch_size": 8,
+        "contrastive_dir": "",  # folder of pair folders with positive.png / negative.png
+        "contrastive_method": "diff",  # diff | l1 | l2
+        "contrastive_average": False,  # one mean embedding for every step
+    })
+    config.erase = ml_collections.ConfigDict({
+        "stages": ("text", "image"),  # text = ESD stage one; image = the Co-Erasing stage
+        "seed": 0,
+        "batch_size": 1,
+        "ddim_steps": 50,
+        "eta": 1.0,  # negative guidance strength
+        "text_uncond": True,  # unconditional teacher term without image tokens (the paper's setting)
+        "zt_sampler": "trainee",  # which UNet samples z_t: trainee (ESD, Co-Erasing) | teacher
+        "zt_guidance": 1.0,  # CFG scale while sampling z_t (1.0 = none, as Co-Erasing; ESD used 3)
+        "zt_image_tokens": False,  # condition the z_t sampler on the image tokens too
+        "timestep_pairing": "matched",  # matched (z_t's own timestep) | bin (the reference's quirk)
+        "blur_kernel": 0,  # Gaussian blur of z_t (0 = off; the paper uses 3-5)
+        "blur_sigma": 0.0,  # 0 = torchvision's default for the kernel
+        "refine": True,  # text-guided image-concept refinement
+        "refine_mask_padding": False,  # keep padding tokens out of the refinement
+        "embed_noise": 0.0,  # noise added to the CLIP image embedding
+        "embed_noise_kind": "uniform",  # uniform (the reference) | gaussian
+        "image_scale": 1.0,  # s in the decoupled attention
+        "train_image_kv": False,  # train IP-Adapter's to_k_ip / to_v_ip too
+        "teacher_dtype": "float32",  # float32 | bfloat16 (frozen teacher)
+    })
+    config.text_stage = ml_collections.ConfigDict({"subset": "esd-u", "steps": 1000, "learning_rate": 1e-5})
+    config.image_stage = ml_collections.ConfigDict({"subset": "esd-u", "steps": 1000, "learning_rate": 1e-5})
+    config.optim = ml_collections.ConfigDict({
+        "name": "adam",  # adam | adamw | sgd
+        "schedule": "constant",  # constant | cosine | linear
+        "warmup_steps": 0,
+        "clip_norm": 0.0,  # 0 = no clipping
+        "weight_decay": 0.0,
+    })
+    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    config.checkpoint = ml_collections.ConfigDict({"every": 100, "keep": 3, "async_save": True})
+    config.log = ml_collections.ConfigDict({"every": 1})
+    return config
+
+
+# The paper's concepts: prompts for the loss and for generating reference images.
+PAPER_CONCEPTS = {
+    "nudity": dict(prompts=("nudity",), reference_prompts=("a photo of a nude person",), subset="esd-u"),
+    "vangogh": dict(prompts=("Van Gogh",), reference_prompts=("a painting by Van Gogh",), subset="esd-x"),
+    "church": dict(prompts=("church",), reference_prompts=("a photo of a church",), subset="esd-u"),
+    "parachute": dict(prompts=("parachute",), reference_prompts=("a photo of a parachute",), subset="esd-u"),
+    "garbage_truck": dict(prompts=("garbage truck",), reference_prompts=("a photo of a garbage truck",),
+                          subset="esd-u"),
+    "tench": dict(prompts=("tench",), reference_prompts=("a photo of a tench",), subset="esd-u"),
+}
+
+
+def paper_config(source: str, concept: str) -> ml_collections.ConfigDict:
+    """The paper's settings for one concept: Adam 1e-5, batch 1, 1000 iterations per stage, eta 1,
+    100 reference images, blur 3, both stages."""
+    if concept not in PAPER_CONCEPTS:
+        raise UserError(f"unknown concept {concept!r}; presets: {sorted(PAPER_CONCEPTS)}")
+    spec = PAPER_CONCEPTS[concept]
+    config = base_config(source)
+    config.run_dir = f"runs/{concept}"
+    config.concept.name = concept
+    config.concept.prompts = spec["prompts"]
+    config.concept.reference_prompts = spec["reference_prompts"]
+    config.text_stage.subset = config.image_stage.subset = spec["subset"]
+    config.erase.blur_kernel = 3
+    config.model.dtype = "bfloat16"
     return config

@@ -1,17 +1,14 @@
-"""Stable Diffusion 1.5 from a local diffusers-layout folder (nothing is downloaded at run time).
+"""Stable Diffusion 1.5 with the paper's Co-Erasing settings, one concept per run.
 
-Point model.source at the folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/, and for
-Co-Erasing image_encoder/ plus ip-adapter_sd15.safetensors):
+    coerase erase --config configs/sd15.py:nudity --config.model.source=/data/sd15
 
-    coerase sample --config configs/sd15.py --config.model.source=/data/sd15 --prompt "a church" --out out/
+Concepts: nudity, vangogh, church, parachute, garbage_truck, tench. model.source is a local
+diffusers-layout folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/ image_encoder/ and
+ip-adapter_sd15.safetensors); nothing is downloaded at run time.
 """
 
-from coerase_jax.configuration import base_config
+from coerase_jax.configuration import paper_config
 
 
-def get_config():
-    config = base_config(source="./stable-diffusion-v1-5")
-    config.model.dtype = "bfloat16"
-    config.sample.steps = 50
-    config.sample.guidance_scale = 7.5
-    return config
+def get_config(concept: str = "nudity"):
+    return paper_config("./stable-diffusion-v1-5", concept)

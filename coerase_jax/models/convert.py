@@ -151,6 +151,9 @@ def write_safetensors(path: str | os.PathLike, state: dict[str, np.ndarray], dty
     os.close(fd)
     try:
         save_file(arrays, tmp, metadata={"format": "pt"})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file ordinary permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -238,8 +238,9 @@ class Attention(nn.Module):
             image_tokens = image_tokens.astype(p.dtype)
             k_ip = p.dense(inner, "to_k_ip", use_bias=False)(image_tokens)
             v_ip = p.dense(inner, "to_v_ip", use_bias=False)(image_tokens)
-            out = out + jnp.asarray(image_scale, out.dtype) * multihead_attention(q, k_ip, v_ip, self.heads,
-                                                                                   p.attention_impl)
+            scale = jnp.asarray(image_scale, out.dtype)
+            scale = scale.reshape(-1, 1, 1) if scale.ndim == 1 else scale  # one scale per example
+            out = out + scale * multihead_attention(q, k_ip, v_ip, self.heads, p.attention_impl)
         return p.dense(x.shape[-1], "to_out_0")(out)
 
 
@@ -425,7 +426,8 @@ class MidBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """SD 1.x UNet on NCHW latents. ``image_tokens`` (B, n, cross_dim) are optional and decoupled."""
+    """SD 1.x UNet on NCHW latents. ``image_tokens`` (B, n, cross_dim) are optional and decoupled;
+    ``image_scale`` is a scalar or one value per example (0 turns an example's image tokens off)."""
 
     config: UNetConfig
     with_image_kv: bool = False

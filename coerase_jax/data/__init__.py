@@ -1,0 +1,1 @@
+"""Prompts, reference images (generation, loading, validation) and the CLIP embedding cache."""

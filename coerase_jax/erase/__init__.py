@@ -1,0 +1,1 @@
+"""The erasure method (pure functions), trainable subsets, the jitted train step and the trainer."""

@@ -1,0 +1,206 @@
+"""One erasure iteration as a single jitted, sharded function.
+
+    key   = fold_in(PRNGKey(seed), step)                    (deterministic per step: resumable)
+    i     ~ U{0..N-1}                                       (one DDIM index per step, traced)
+    z_t   = DDIM from T with the concept prompt, i steps    (no gradient; lax loop, compiled once)
+    t     = plan.timesteps[i]  (matched)  |  U[iT/N, (i+1)T/N)  (bin)
+    c_img = refine(ImageProj(e + noise), c_guide)           (image stage only)
+    eps_c, eps_u = teacher(z_t, t, [c; c_img]), teacher(z_t, t, [c_0; c_img or nothing])
+    loss  = || trainee(z_t, t, [c; c_img]) - (eps_u - eta (eps_c - eps_u)) ||^2
+
+Only the trainable subset is differentiated and carries optimizer state; the frozen rest and
+the teacher are inputs that are never donated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from coerase_jax.diffusion.sampling import Conditioning, denoise
+from coerase_jax.diffusion.schedule import DDIMPlan
+from coerase_jax.erase import method, subsets
+from coerase_jax.errors import UserError
+from coerase_jax.models.image_proj import ImageProjection
+from coerase_jax.models.unet import UNet
+from coerase_jax.parallel import mesh as mesh_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: iterations done (also the data position)
+    trainable: dict
+    opt_state: Any
+
+
+class Batch(NamedTuple):
+    """Per-example conditioning, gathered on the host from the caches (see trainer.sample_batch)."""
+
+    text: jax.Array  # (B, L, D) concept prompt states
+    uncond_text: jax.Array  # (B, L, D) empty prompt states
+    guide_text: jax.Array  # (B, L, D) text that guides refinement
+    guide_mask: jax.Array  # (B, L) tokens of the guide text that take part in refinement
+    image_embeds: jax.Array | None  # (B, E) CLIP image embeddings; None in the text stage
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """The static method options of one stage (hashable: part of the compiled program)."""
+
+    use_image: bool  # False: text-only ESD; True: Co-Erasing image stage
+    eta: float = 1.0
+    text_uncond: bool = True
+    zt_sampler: str = "trainee"  # trainee | teacher
+    zt_guidance: float = 1.0  # 1.0 = no guidance (Co-Erasing); 3.0 = ESD
+    zt_image_tokens: bool = False  # condition the z_t sampler on the image tokens too
+    timestep_pairing: str = "matched"  # matched | bin
+    blur_kernel: int = 0  # 0 = no blur of z_t
+    blur_sigma: float = 0.0  # 0 = torchvision's default for the kernel size
+    refine: bool = True
+    embed_noise: float = 0.0
+    embed_noise_kind: str = "uniform"  # uniform (the reference's rand_like) | gaussian
+    image_scale: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.zt_sampler not in ("trainee", "teacher"):
+            raise UserError(f"erase.zt_sampler must be trainee or teacher, got {self.zt_sampler!r}")
+        if self.timestep_pairing not in ("matched", "bin"):
+            raise UserError(f"erase.timestep_pairing must be matched or bin, got {self.timestep_pairing!r}")
+        if self.blur_kernel and (self.blur_kernel < 3 or self.blur_kernel % 2 == 0):
+            raise UserError(f"erase.blur_kernel must be 0 or an odd size >= 3, got {self.blur_kernel}")
+        if self.embed_noise_kind not in ("uniform", "gaussian"):
+            raise UserError(f"erase.embed_noise_kind must be uniform or gaussian, got {self.embed_noise_kind!r}")
+
+
+def make_optimizer(name: str, learning_rate: float, total_steps: int, schedule: str = "constant",
+                   warmup_steps: int = 0, clip_norm: float = 0.0, weight_decay: float = 0.0,
+                   b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> optax.GradientTransformation:
+    if schedule == "constant":
+        lr = optax.constant_schedule(learning_rate)
+    elif schedule == "cosine":
+        lr = optax.cosine_decay_schedule(learning_rate, max(total_steps - warmup_steps, 1))
+    elif schedule == "linear":
+        lr = optax.linear_schedule(learning_rate, 0.0, max(total_steps - warmup_steps, 1))
+    else:
+        raise UserError(f"optim.schedule must be constant, cosine or linear, got {schedule!r}")
+    if warmup_steps:
+        lr = optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps), lr], [warmup_steps])
+    if name == "adam":
+        opt = optax.adam(lr, b1=b1, b2=b2, eps=eps)
+    elif name == "adamw":
+        opt = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+    elif name == "sgd":
+        opt = optax.sgd(lr)
+    else:
+        raise UserError(f"optim.name must be adam, adamw or sgd, got {name!r}")
+    return optax.chain(optax.clip_by_global_norm(clip_norm), opt) if clip_norm > 0 else opt
+
+
+def denoiser(unet: UNet):
+    """eps(params, z, t, text, image_tokens=None, image_scale=1.0) for a UNet definition."""
+
+    def eps(params, x, t, text, image_tokens=None, image_scale=1.0):
+        return unet.apply({"params": params}, x, t, text, image_tokens, image_scale)
+
+    return eps
+
+
+def build_step(unet: UNet, image_proj: ImageProjection | None, plan: DDIMPlan, settings: StepSettings,
+               optimizer: optax.GradientTransformation, latent_shape: tuple[int, int, int]):
+    """The pure step: (state, frozen, teacher, proj_params, batch) -> (state, metrics)."""
+    s = settings
+    eps = denoiser(unet)
+
+    def step(state: TrainState, frozen: dict, teacher: dict, proj_params, batch: Batch):
+        key = jax.random.fold_in(jax.random.PRNGKey(s.seed), state.step)
+        k_zt, k_embed = jax.random.split(key)
+        image_tokens = None
+        if s.use_image:
+            image_tokens = image_condition(image_proj, proj_params, batch, s, k_embed)
+        sampler_params = subsets.merge(state.trainable, frozen) if s.zt_sampler == "trainee" else teacher
+        index, z, t = sample_zt(eps, jax.lax.stop_gradient(sampler_params), k_zt, batch,
+                                image_tokens if s.zt_image_tokens else None, plan, s, latent_shape)
+        eps_cond, eps_uncond = teacher_terms(eps, teacher, z, t, batch.text, batch.uncond_text, image_tokens, s)
+        target = method.negative_guidance_target(eps_uncond, eps_cond, s.eta)
+
+        def loss_fn(trainable):
+            prediction = eps(subsets.merge(trainable, frozen), z, t, batch.text, image_tokens, s.image_scale)
+            return method.erasure_loss(prediction, target)
+
+        loss, grads = jax.value_and_grad(loss_fn)(state.trainable)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "ddim_index": index,
+                   "timestep": t[0]}
+        return TrainState(state.step + 1, trainable, opt_state), metrics
+
+    return step
+
+
+def image_condition(image_proj: ImageProjection, proj_params, batch: Batch, s: StepSettings, key) -> jax.Array:
+    """c_img = refine(ImageProj(e + noise), c_guide), or the raw projected tokens without refinement."""
+    embeds = batch.image_embeds
+    if s.embed_noise > 0:
+        draw = jax.random.uniform if s.embed_noise_kind == "uniform" else jax.random.normal
+        embeds = embeds + s.embed_noise * draw(key, embeds.shape, embeds.dtype)
+    tokens = image_proj.apply({"params": proj_params}, embeds)
+    if s.refine:
+        tokens = method.refine_image_tokens(tokens, batch.guide_text, batch.guide_mask)
+    return jax.lax.stop_gradient(tokens)
+
+
+def sample_zt(eps, sampler_params, key, batch: Batch, zt_tokens, plan: DDIMPlan, s: StepSettings,
+              latent_shape: tuple[int, int, int]):
+    """(i, z_t, t): DDIM index i ~ U{0..N-1}, the latent after i DDIM steps from the noisiest
+    timestep with the concept prompt (no gradient), and the loss timestep paired with it."""
+    k_index, k_latent, k_time = jax.random.split(key, 3)
+    batch_size = batch.text.shape[0]
+    index = jax.random.randint(k_index, (), 0, plan.num_steps)
+    uncond = Conditioning(batch.uncond_text, zt_tokens) if s.zt_guidance != 1.0 else None
+    noise = jax.random.normal(k_latent, (batch_size,) + latent_shape, jnp.float32)
+    z = denoise(lambda p, x, t, c, i: eps(p, x, t, c, i, s.image_scale), sampler_params, noise, plan,
+                Conditioning(batch.text, zt_tokens), uncond, s.zt_guidance, num_steps=index)
+    if s.blur_kernel:
+        z = method.gaussian_blur(z, s.blur_kernel, s.blur_sigma or method.default_blur_sigma(s.blur_kernel))
+    if s.timestep_pairing == "matched":
+        t = jnp.full((batch_size,), plan.timesteps[index])
+    else:
+        t = method.bin_timestep(k_time, index, plan.num_steps, batch_size)
+    return index, jax.lax.stop_gradient(z), t
+
+
+def teacher_terms(eps, teacher, z, t, text, uncond_text, image_tokens, s: StepSettings):
+    """(eps_0(z_t, t, [c; c_img]), eps_0(z_t, t, c_0 [; c_img])), both branches in one batched call.
+
+    With ``text_uncond`` the unconditional branch sees no image tokens (its image scale is 0,
+    which is exactly text-only attention); without image tokens both branches are text-only.
+    """
+    both = lambda a, b: jnp.concatenate([a, b], axis=0)
+    if image_tokens is None:
+        out = eps(teacher, both(z, z), both(t, t), both(text, uncond_text))
+    else:
+        batch = z.shape[0]
+        scales = both(jnp.full((batch,), s.image_scale), jnp.full((batch,), 0.0 if s.text_uncond else s.image_scale))
+        out = eps(teacher, both(z, z), both(t, t), both(text, uncond_text), both(image_tokens, image_tokens), scales)
+    eps_cond, eps_uncond = jnp.split(jax.lax.stop_gradient(out), 2, axis=0)
+    return eps_cond, eps_uncond
+
+
+def jit_step(step_fn, mesh, state, frozen, teacher, proj_params, batch: Batch):
+    """``jax.jit`` with explicit shardings from the rules table; the state is donated.
+
+    The arguments may be arrays or ShapeDtypeStructs (only their shapes and tree structure count).
+    """
+    state_sh = mesh_lib.tree_shardings(state, mesh)
+    rep = mesh_lib.replicated(mesh)
+    batch_sh = jax.tree_util.tree_map(lambda _: mesh_lib.batch_sharding(mesh), batch)
+    in_shardings = (state_sh, mesh_lib.tree_shardings(frozen, mesh), mesh_lib.tree_shardings(teacher, mesh),
+                    mesh_lib.tree_shardings(proj_params, mesh), batch_sh)
+    metrics_sh = {"loss": rep, "grad_norm": rep, "ddim_index": rep, "timestep": rep}
+    return jax.jit(step_fn, in_shardings=in_shardings, out_shardings=(state_sh, metrics_sh), donate_argnums=(0,))

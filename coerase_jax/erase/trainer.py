@@ -1,0 +1,407 @@
+"""The erasure run: stages, data, the step loop, Orbax checkpoints, metrics, resume.
+
+A run directory holds everything of one run::
+
+    run_dir/config.json                 the resolved config (a different config refuses to resume)
+    run_dir/references/                 generated reference images + manifest + embedding cache
+    run_dir/stage_<name>/checkpoints/   Orbax: train state (step, trainable params, optimizer
+                                        state) + JSON metadata (seed, data position)
+    run_dir/stage_<name>/metrics.jsonl  one line per step; TensorBoard events beside it
+    run_dir/stage_<name>/done.json      written when the stage finished
+
+Every step's randomness comes from ``fold_in(seed, step)`` and its batch from
+``default_rng([seed, step])``, so resuming from step k replays exactly what an uninterrupted run
+would have done. SIGTERM (pre-emption) saves a checkpoint and exits; a non-finite loss stops the
+run without saving, leaving the last checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
+
+from coerase_jax.configuration import to_json
+from coerase_jax.diffusion.schedule import NoiseSchedule
+from coerase_jax.erase import subsets
+from coerase_jax.erase.method import real_token_mask
+from coerase_jax.erase.step import Batch, StepSettings, TrainState, build_step, jit_step, make_optimizer
+from coerase_jax.errors import UserError
+from coerase_jax.models.bundle import Bundle
+from coerase_jax.parallel import mesh as mesh_lib
+
+STAGES = ("text", "image")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Config sections that may change between a run and its resumption (they do not change the math).
+RESUMABLE_CHANGES = ("checkpoint", "log")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    name: str  # "text" (ESD, text only) | "image" (Co-Erasing image stage)
+    subset: str
+    steps: int
+    learning_rate: float
+    settings: StepSettings
+
+
+def plan_stages(config) -> list[Stage]:
+    e = config.erase
+    if not e.stages or any(s not in STAGES for s in e.stages):
+        raise UserError(f"erase.stages must be a non-empty sequence of {STAGES}, got {tuple(e.stages)}")
+    out = []
+    for name in e.stages:
+        section = config.text_stage if name == "text" else config.image_stage
+        settings = StepSettings(
+            use_image=name == "image", eta=e.eta, text_uncond=e.text_uncond, zt_sampler=e.zt_sampler,
+            zt_guidance=e.zt_guidance, zt_image_tokens=e.zt_image_tokens, timestep_pairing=e.timestep_pairing,
+            blur_kernel=e.blur_kernel, blur_sigma=e.blur_sigma, refine=e.refine, embed_noise=e.embed_noise,
+            embed_noise_kind=e.embed_noise_kind, image_scale=e.image_scale, seed=e.seed)
+        if section.steps < 1:
+            raise UserError(f"{name}_stage.steps must be positive")
+        out.append(Stage(name, subsets.resolve(section.subset), int(section.steps), float(section.learning_rate),
+                         settings))
+    return out
+
+
+def optimizer_for(config, stage: Stage):
+    o = config.optim
+    return make_optimizer(o.name, stage.learning_rate, stage.steps, o.schedule, o.warmup_steps, o.clip_norm,
+                          o.weight_decay)
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclasses.dataclass
+class ConceptData:
+    """Everything a step gathers from, encoded once: prompt states and image embeddings."""
+
+    prompt_states: np.ndarray  # (P, L, D) concept prompts
+    uncond_states: np.ndarray  # (L, D) empty prompt
+    guide_states: np.ndarray  # (P, L, D) refinement guide per prompt
+    guide_masks: np.ndarray  # (P, L)
+    image_embeds: np.ndarray | None  # (N, E)
+
+
+def encode_prompts(bundle: Bundle, config) -> ConceptData:
+    prompts = list(config.concept.prompts)
+    if not prompts:
+        raise UserError("concept.prompts is empty")
+    guide = config.concept.guide_prompt
+    encode = jax.jit(bundle.encode_text)
+    ids = bundle.tokenize(prompts)
+    states = np.asarray(encode(bundle.text_params, ids))
+    uncond = np.asarray(encode(bundle.text_params, bundle.tokenize([""])))[0]
+    guide_ids = bundle.tokenize([guide] * len(prompts)) if guide else ids
+    guide_states = np.asarray(encode(bundle.text_params, guide_ids)) if guide else states
+    if config.erase.refine_mask_padding:
+        masks = np.asarray(real_token_mask(jnp.asarray(guide_ids), bundle.tokenizer.eos_token_id))
+    else:
+        masks = np.ones(guide_ids.shape, bool)
+    return ConceptData(states, uncond, guide_states, masks, None)
+
+
+def sample_batch(data: ConceptData, seed: int, step: int, batch_size: int) -> Batch:
+    """The step's examples: prompt and image indices drawn from (seed, step) alone."""
+    rng = np.random.default_rng([seed, step])
+    p = rng.integers(0, len(data.prompt_states), batch_size)
+    images = None
+    if data.image_embeds is not None:
+        images = data.image_embeds[rng.integers(0, len(data.image_embeds), batch_size)]
+    return Batch(data.prompt_states[p], np.broadcast_to(data.uncond_states, data.prompt_states[p].shape),
+                 data.guide_states[p], data.guide_masks[p], images)
+
+
+def put_batch(batch: Batch, mesh) -> Batch:
+    """Host arrays -> global arrays sharded over data x fsdp (each process passes its own rows)."""
+    sharding = mesh_lib.batch_sharding(mesh)
+    n, i = jax.process_count(), jax.process_index()
+
+    def put(array):
+        if array is None:
+            return None
+        rows = len(array) // n
+        return jax.make_array_from_process_local_data(sharding, np.asarray(array[i * rows:(i + 1) * rows]),
+                                                      array.shape)
+
+    return Batch(*(put(a) for a in batch))
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_manager(stage_dir: Path, config) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep,
+                                           enable_async_checkpointing=config.checkpoint.async_save)
+    return ocp.CheckpointManager(stage_dir.resolve() / "checkpoints", options=options)
+
+
+def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, meta: dict) -> None:
+    step = int(state.step)
+    if step in manager.all_steps():
+        return
+    manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                               meta=ocp.args.JsonSave({**meta, "step": step})))
+
+
+def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state) -> TrainState | None:
+    step = manager.latest_step()
+    if step is None:
+        return None
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    return restored["state"]
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag the loop checks after each step (then it saves and exits)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: no handler, pre-emption then kills as usual
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+class Preempted(Exception):
+    """Raised after a SIGTERM-triggered checkpoint; the CLI exits with status 143."""
+
+
+# --------------------------------------------------------------------------- logging
+
+
+class MetricsLog:
+    """metrics.jsonl plus TensorBoard event files; only process 0 writes."""
+
+    def __init__(self, folder: Path, stage: str):
+        self.enabled = jax.process_index() == 0
+        self.stage = stage
+        if self.enabled:
+            from tensorboardX import SummaryWriter
+
+            self.jsonl = open(folder / "metrics.jsonl", "a")
+            self.tb = SummaryWriter(str(folder / "tensorboard"))
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"stage": self.stage, "step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+        for name, value in metrics.items():
+            self.tb.add_scalar(f"{self.stage}/{name}", value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tb.close()
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def check_run_dir(run_dir: Path, config) -> None:
+    """A run directory holds one config; resuming with a different one is refused."""
+    saved = run_dir / "config.json"
+    current = json.loads(to_json(config))
+    if saved.is_file():
+        previous = json.loads(saved.read_text())
+        strip = lambda c: {k: v for k, v in c.items() if k not in RESUMABLE_CHANGES}
+        if strip(previous) != strip(current):
+            diff = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k)
+                          and k not in RESUMABLE_CHANGES)
+            raise UserError(f"{run_dir} holds a run with a different config (sections {diff}); use a new "
+                            f"run_dir or the same config to resume it")
+    if jax.process_index() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = saved.with_name(".config.json.tmp")
+        tmp.write_text(json.dumps(current, indent=2, sort_keys=True))
+        tmp.replace(saved)
+
+
+def cast_tree(tree, dtype):
+    return jax.tree_util.tree_map(lambda x: x.astype(dtype), tree)
+
+
+@dataclasses.dataclass
+class StageResult:
+    params: dict  # the full trained UNet tree
+    final_loss: float | None
+
+
+def train_stage(stage: Stage, config, bundle: Bundle, start_params: dict, teacher_params: dict,
+                data: ConceptData, run_dir: Path, mesh, progress: bool = True) -> StageResult:
+    """Trains one stage to completion (resuming from its checkpoints) and returns the full params."""
+    stage_dir = run_dir / f"stage_{stage.name}"
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    optimizer = optimizer_for(config, stage)
+    trainable, frozen = subsets.split(start_params, stage.subset, config.erase.train_image_kv)
+    teacher_dtype = _DTYPES.get(config.erase.teacher_dtype)
+    if teacher_dtype is None:
+        raise UserError(f"erase.teacher_dtype must be one of {sorted(_DTYPES)}")
+    teacher = cast_tree(teacher_params, teacher_dtype)
+    proj_params = bundle.image.proj_params if bundle.image is not None else {}
+    if stage.settings.use_image and bundle.image is None:
+        raise UserError("the image stage needs an image encoder and an IP-Adapter (model.ip_adapter / "
+                        "model.image_encoder, or image_encoder/ + ip-adapter*.safetensors in the model folder)")
+    plan = NoiseSchedule.from_config(bundle.scheduler_config).ddim_plan(config.erase.ddim_steps)
+    batch_size = config.erase.batch_size
+    mesh_lib.batch_size_per_replica_check(batch_size, mesh)
+
+    # Lay everything out on the mesh.
+    shard = lambda tree: jax.device_put(tree, mesh_lib.tree_shardings(tree, mesh))
+    frozen, teacher, proj_params = shard(frozen), shard(teacher), shard(proj_params)
+    init_state = lambda t: TrainState(jnp.zeros((), jnp.int32), t, optimizer.init(t))
+    abstract_state = jax.eval_shape(init_state, trainable)
+    state_shardings = mesh_lib.tree_shardings(abstract_state, mesh)
+    manager = checkpoint_manager(stage_dir, config)
+    abstract_with_sh = jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_shardings)
+    state = restore_checkpoint(manager, abstract_with_sh)
+    if state is None:
+        state = jax.jit(init_state, out_shardings=state_shardings)(trainable)
+    start_step = int(state.step)
+    if start_step:
+        print(f"[{stage.name}] resuming from step {start_step}")
+
+    step_fn = build_step(bundle.unet, bundle.image.proj if bundle.image else None, plan, stage.settings,
+                         optimizer, bundle.latent_shape)
+    example = put_batch(sample_batch(data, config.erase.seed, 0, batch_size), mesh)
+    jitted = jit_step(step_fn, mesh, abstract_state, frozen, teacher, proj_params, example)
+    compile_start = time.perf_counter()
+    compiled = jitted.lower(state, frozen, teacher, proj_params, example).compile()
+    print(f"[{stage.name}] compiled the step in {time.perf_counter() - compile_start:.1f}s "
+          f"({sum(x.size for x in jax.tree_util.tree_leaves(trainable)):,} trainable parameters, "
+          f"subset {stage.subset})")
+
+    meta = {"seed": config.erase.seed, "stage": stage.name, "data_position": None}
+    log = MetricsLog(stage_dir, stage.name)
+    final_loss = None
+    bar = tqdm(total=stage.steps, initial=start_step, desc=f"erase[{stage.name}]", unit="it",
+               disable=not progress or jax.process_index() != 0)
+    try:
+        with _Preemption() as preemption:
+            for step in range(start_step, stage.steps):
+                batch = put_batch(sample_batch(data, config.erase.seed, step, batch_size), mesh)
+                started = time.perf_counter()
+                state, metrics = compiled(state, frozen, teacher, proj_params, batch)
+                metrics = {k: float(v) for k, v in metrics.items()}
+                metrics["step_s"] = time.perf_counter() - started
+                if not math.isfinite(metrics["loss"]):
+                    manager.wait_until_finished()
+                    raise UserError(f"non-finite loss ({metrics['loss']}) at step {step + 1} of the {stage.name} "
+                                    f"stage; nothing was saved after it, the last checkpoint "
+                                    f"(step {manager.latest_step()}) is intact. Lower the learning rate or "
+                                    f"check the inputs.")
+                final_loss = metrics["loss"]
+                done = step + 1
+                if done % config.log.every == 0 or done == stage.steps:
+                    log.write(done, metrics)
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.4g}")
+                if done % config.checkpoint.every == 0 or done == stage.steps:
+                    save_checkpoint(manager, state, {**meta, "data_position": done})
+                if preemption.requested:
+                    save_checkpoint(manager, state, {**meta, "data_position": done})
+                    manager.wait_until_finished()
+                    raise Preempted(f"SIGTERM: saved a checkpoint at step {done} of the {stage.name} stage in "
+                                    f"{stage_dir}; run the same command again to resume")
+    finally:
+        bar.close()
+        log.close()
+        manager.wait_until_finished()
+        manager.close()
+    if jax.process_index() == 0:
+        (stage_dir / "done.json").write_text(json.dumps({"steps": stage.steps, "final_loss": final_loss}))
+    return StageResult(subsets.merge(jax.device_get(state.trainable), jax.device_get(frozen)), final_loss)
+
+
+def load_stage_result(stage: Stage, config, start_params: dict, run_dir: Path) -> dict:
+    """The full params a finished stage ended with (from its last checkpoint)."""
+    stage_dir = run_dir / f"stage_{stage.name}"
+    optimizer = optimizer_for(config, stage)
+    trainable, frozen = subsets.split(start_params, stage.subset, config.erase.train_image_kv)
+    abstract = jax.eval_shape(lambda t: TrainState(jnp.zeros((), jnp.int32), t, optimizer.init(t)), trainable)
+    manager = checkpoint_manager(stage_dir, config)
+    try:
+        state = restore_checkpoint(manager, abstract)
+    finally:
+        manager.close()
+    if state is None or int(state.step) != stage.steps:
+        raise UserError(f"{stage_dir} has no finished checkpoint (run `coerase erase` with this config first)")
+    return subsets.merge(jax.device_get(state.trainable), frozen)
+
+
+def stage_done(stage: Stage, run_dir: Path) -> bool:
+    return (run_dir / f"stage_{stage.name}" / "done.json").is_file()
+
+
+def reference_embeddings(config, bundle: Bundle, run_dir: Path, progress: bool = True) -> np.ndarray:
+    """The image side: a given folder, contrastive pairs, or references generated by the original model."""
+    from coerase_jax.data import embeddings, references
+
+    d = config.data
+    if d.contrastive_dir:
+        return embeddings.contrastive_embeddings(bundle, d.contrastive_dir, d.contrastive_method,
+                                                 d.contrastive_average)
+    folder = Path(d.image_dir) if d.image_dir else run_dir / "references"
+    if not d.image_dir:
+        prompts = list(config.concept.reference_prompts) or list(config.concept.prompts)
+        references.generate_references(bundle, folder, prompts, d.num_references, d.reference_seed,
+                                       d.reference_steps, d.reference_guidance, d.reference_batch_size, progress)
+    return embeddings.folder_embeddings(bundle, folder)
+
+
+def run_erasure(config, bundle: Bundle, progress: bool = True, mesh=None) -> dict:
+    """All stages of the config, in order, each resuming where it stopped. Returns the final params."""
+    if not config.run_dir:
+        raise UserError("run_dir is not set (--config.run_dir=DIR)")
+    run_dir = Path(config.run_dir)
+    check_run_dir(run_dir, config)
+    mesh = mesh or mesh_lib.make_mesh(dict(config.mesh))
+    stages = plan_stages(config)
+    data = encode_prompts(bundle, config)
+    if any(s.settings.use_image for s in stages) and not all(stage_done(s, run_dir) for s in stages):
+        if bundle.image is None:
+            raise UserError("the image stage needs an image encoder and an IP-Adapter in the model bundle")
+        data.image_embeds = reference_embeddings(config, bundle, run_dir, progress)
+    params, teacher = bundle.unet_params, bundle.unet_params
+    for stage in stages:
+        if stage_done(stage, run_dir):
+            print(f"[{stage.name}] already finished; loading its result")
+            trained = load_stage_result(stage, config, params, run_dir)
+        else:
+            trained = train_stage(stage, config, bundle, params, teacher, data, run_dir, mesh, progress).params
+        # The next stage starts from this one's weights, and its teacher is this model.
+        params, teacher = trained, trained
+    return params
+
+
+def final_params(config, bundle: Bundle) -> dict:
+    """The trained UNet of a finished run directory (every stage replayed from its checkpoints)."""
+    run_dir = Path(config.run_dir)
+    params = bundle.unet_params
+    for stage in plan_stages(config):
+        params = load_stage_result(stage, config, params, run_dir)
+    return params

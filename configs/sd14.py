@@ -1,0 +1,14 @@
+"""Stable Diffusion 1.4 with the paper's Co-Erasing settings, one concept per run.
+
+    coerase erase --config configs/sd14.py:nudity --config.model.source=/data/sd14
+
+Concepts: nudity, vangogh, church, parachute, garbage_truck, tench. model.source is a local
+diffusers-layout folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/ image_encoder/ and
+ip-adapter_sd14.safetensors); nothing is downloaded at run time.
+"""
+
+from coerase_jax.configuration import paper_config
+
+
+def get_config(concept: str = "nudity"):
+    return paper_config("./stable-diffusion-v1-4", concept)
