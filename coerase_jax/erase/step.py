@@ -136,7 +136,7 @@ def build_step(unet: UNet, image_proj: ImageProjection | None, plan: DDIMPlan, s
         loss, grads = jax.value_and_grad(loss_fn)(state.trainable)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "ddim_index": index,
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "ddim_index": index,
                    "timestep": t[0]}
         return TrainState(state.step + 1, trainable, opt_state), metrics
 

@@ -1,0 +1,132 @@
+"""The jitted erasure step: subsets, z_t from T downwards, sharded = unsharded."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from coerase_jax.diffusion.schedule import NoiseSchedule
+from coerase_jax.erase import subsets
+from coerase_jax.erase.step import StepSettings, denoiser, jit_step, sample_zt
+from coerase_jax.errors import UserError
+from coerase_jax.models.presets import SD_SCHEDULER, TINY_UNET
+from coerase_jax.models.unet import UNet
+from coerase_jax.parallel.mesh import make_mesh, tree_shardings
+from micro import micro_batch, micro_step, micro_world
+
+# What each subset must select, written out independently of subsets.py.
+DOCUMENTED = {
+    "full": lambda p: True,
+    "esd-u": lambda p: "attn2" not in p and "time_embedding" not in p and p[0] not in ("conv_out", "conv_norm_out"),
+    "esd-x": lambda p: "attn2" in p,
+    "esd-x-strict": lambda p: "attn2" in p and p[-2] in ("to_k", "to_v"),
+    "selfattn": lambda p: "attn1" in p,
+    "notime": lambda p: "time_embedding" not in p,
+}
+
+
+@pytest.mark.parametrize("subset", sorted(DOCUMENTED))
+def test_subset_selects_its_documented_nonempty_set(subset):
+    params = jax.eval_shape(UNet(TINY_UNET, with_image_kv=True).init_params, jax.random.PRNGKey(0))
+    trainable, frozen = subsets.split(params, subset)
+    chosen = set(traverse_util.flatten_dict(trainable))
+    rest = set(traverse_util.flatten_dict(frozen))
+    assert chosen and not chosen & rest
+    assert chosen | rest == set(traverse_util.flatten_dict(params))
+    for path in chosen | rest:
+        is_ip = path[-2] in ("to_k_ip", "to_v_ip")
+        assert (path in chosen) == (DOCUMENTED[subset](path) and not is_ip), path
+
+
+def test_image_kv_training_is_its_own_switch():
+    params = jax.eval_shape(UNet(TINY_UNET, with_image_kv=True).init_params, jax.random.PRNGKey(0))
+    trainable, _ = subsets.split(params, "selfattn", train_image_kv=True)
+    names = {p[-2] for p in traverse_util.flatten_dict(trainable)}
+    assert {"to_k_ip", "to_v_ip"} <= names and "to_q" in names
+    assert subsets.resolve("noxattn") == "esd-u" and subsets.resolve("xattn") == "esd-x"
+    with pytest.raises(UserError, match="unknown trainable subset"):
+        subsets.resolve("xlayer")
+
+
+@pytest.mark.parametrize("subset,train_image_kv", [(s, False) for s in sorted(DOCUMENTED)] + [("esd-x", True)])
+def test_step_leaves_everything_outside_the_subset_bit_identical(subset, train_image_kv):
+    step, state, frozen, original, proj = micro_step(StepSettings(use_image=True), subset, ddim_steps=2,
+                                                     train_image_kv=train_image_kv)
+    new_state, metrics = jax.jit(step)(state, frozen, original, proj, micro_batch(2))
+    assert np.isfinite(float(metrics["loss"]))
+    before = traverse_util.flatten_dict(original)
+    after = traverse_util.flatten_dict(subsets.merge(new_state.trainable, frozen))
+    changed = {p for p in before if not np.array_equal(np.asarray(before[p]), np.asarray(after[p]))}
+    for path in before:
+        if path not in changed:
+            continue
+        is_ip = path[-2] in ("to_k_ip", "to_v_ip")
+        assert (train_image_kv if is_ip else DOCUMENTED[subset](path)), f"{path} changed outside {subset}"
+    assert changed, "the step changed nothing"
+    if train_image_kv:
+        assert any(p[-2] == "to_k_ip" for p in changed)
+
+
+def test_matched_zt_is_the_ddim_sampler_run_downwards_from_T():
+    """z_t for index i equals diffusers' DDIM scheduler stepped i times from the noisiest timestep."""
+    from diffusers import FlaxDDIMScheduler
+
+    unet, params, _, _ = micro_world()
+    eps = denoiser(unet)
+    plan = NoiseSchedule.from_config(SD_SCHEDULER).ddim_plan(10)
+    batch = micro_batch(2, with_image=False)
+    settings = StepSettings(use_image=False)
+    run = jax.jit(lambda key: sample_zt(eps, params, key, batch, None, plan, settings, (4, 4, 4)))
+    key = next(jax.random.PRNGKey(s) for s in range(100)
+               if 3 <= int(jax.random.randint(jax.random.split(jax.random.PRNGKey(s), 3)[0], (), 0, 10)) <= 8)
+    index, z, t = run(key)
+    index = int(index)
+
+    scheduler = FlaxDDIMScheduler.from_config({k: v for k, v in SD_SCHEDULER.items() if k != "_class_name"})
+    sched_state = scheduler.set_timesteps(scheduler.create_state(), 10, (2, 4, 4, 4))
+    x = jax.random.normal(jax.random.split(key, 3)[1], (2, 4, 4, 4))
+    for k in range(index):
+        timestep = sched_state.timesteps[k]
+        noise_pred = eps(params, x, jnp.full((2,), timestep), batch.text)
+        x = scheduler.step(sched_state, noise_pred, timestep, x).prev_sample
+    np.testing.assert_allclose(np.asarray(z), np.asarray(x), rtol=2e-4, atol=2e-5)
+    assert int(t[0]) == int(sched_state.timesteps[index]) and int(sched_state.timesteps[0]) > int(t[0])
+
+
+def test_zt_loop_compiles_once_for_all_indices():
+    unet, params, _, _ = micro_world()
+    plan = NoiseSchedule.from_config(SD_SCHEDULER).ddim_plan(10)
+    batch = micro_batch(1, with_image=False)
+    run = jax.jit(lambda key: sample_zt(denoiser(unet), params, key, batch, None, plan,
+                                        StepSettings(use_image=False), (4, 4, 4)))
+    indices = {int(run(jax.random.PRNGKey(s))[0]) for s in range(6)}
+    assert len(indices) > 2 and run._cache_size() == 1
+
+
+def _run_sharded(mesh, steps=2):
+    step, state, frozen, teacher, proj = micro_step(StepSettings(use_image=True, blur_kernel=3), "full",
+                                                    ddim_steps=3)
+    batch = micro_batch(8)
+    jitted = jit_step(step, mesh, state, frozen, teacher, proj, batch)
+    put = lambda tree: jax.device_put(tree, tree_shardings(tree, mesh))
+    state, frozen, teacher, proj = put(state), put(frozen), put(teacher), put(proj)
+    losses = []
+    for _ in range(steps):
+        state, metrics = jitted(state, frozen, teacher, proj, batch)
+        losses.append(float(metrics["loss"]))
+    return losses, jax.device_get(state.trainable), state
+
+
+def test_sharded_step_equals_single_device():
+    assert len(jax.devices()) == 8, "conftest sets 8 simulated CPU devices"
+    one_losses, one_params, _ = _run_sharded(make_mesh({"data": 1}, jax.devices()[:1]))
+    mesh = make_mesh({"data": 4, "fsdp": 2})
+    many_losses, many_params, state = _run_sharded(mesh)
+    kernel = state.trainable["down_blocks_0"]["resnets_0"]["conv1"]["kernel"]
+    assert kernel.sharding.spec[2] == "fsdp"  # the parameters really are sharded
+    np.testing.assert_allclose(many_losses, one_losses, rtol=1e-5, atol=1e-6)
+    # Adam divides by sqrt(v): a gradient near zero turns float reduction-order noise into ~1e-6
+    # parameter differences, so the tolerance is 1% of one step's size (lr = 1e-3).
+    for a, b in zip(jax.tree_util.tree_leaves(one_params), jax.tree_util.tree_leaves(many_params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
