@@ -35,10 +35,10 @@ def micro_batch(batch_size: int, seed: int = 1, with_image: bool = True) -> Batc
 
 
 def micro_step(settings: StepSettings, subset: str = "full", learning_rate: float = 1e-3, ddim_steps: int = 4,
-               train_image_kv: bool = False, seed: int = 0):
+               train_image_kv: bool = False, seed: int = 0, optimizer: str = "adam"):
     """(jittable step, initial state, frozen, teacher, proj_params) on the micro world."""
     unet, params, proj, proj_params = micro_world(seed)
-    optimizer = make_optimizer("adam", learning_rate, 100)
+    optimizer = make_optimizer(optimizer, learning_rate, 100)
     plan = NoiseSchedule.from_config(SD_SCHEDULER).ddim_plan(ddim_steps)
     step = build_step(unet, proj, plan, settings, optimizer, (4, 4, 4))
     trainable, frozen = subsets.split(params, subset, train_image_kv)
