@@ -64,6 +64,8 @@ def _parse_value(text: str, current):
     except (ValueError, SyntaxError):
         if current is None:
             return text
+        if isinstance(current, tuple) and all(isinstance(v, str) for v in current):
+            return tuple(part.strip() for part in text.split(",") if part.strip())  # text,image
         raise UserError(f"cannot parse {text!r} as a {type(current).__name__}") from None
     if isinstance(current, float) and isinstance(value, int):
         value = float(value)

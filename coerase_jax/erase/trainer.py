@@ -195,13 +195,18 @@ class Preempted(Exception):
 class MetricsLog:
     """metrics.jsonl plus TensorBoard event files; only process 0 writes."""
 
-    def __init__(self, folder: Path, stage: str):
+    def __init__(self, folder: Path, stage: str, start_step: int):
         self.enabled = jax.process_index() == 0
         self.stage = stage
         if self.enabled:
             from tensorboardX import SummaryWriter
 
-            self.jsonl = open(folder / "metrics.jsonl", "a")
+            path = folder / "metrics.jsonl"
+            if path.is_file():  # a resumed run replays the steps after its checkpoint: drop their old lines
+                kept = [line for line in path.read_text().splitlines()
+                        if line.strip() and json.loads(line)["step"] <= start_step]
+                path.write_text("".join(line + "\n" for line in kept))
+            self.jsonl = open(path, "a")
             self.tb = SummaryWriter(str(folder / "tensorboard"))
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
@@ -296,7 +301,7 @@ def train_stage(stage: Stage, config, bundle: Bundle, start_params: dict, teache
           f"subset {stage.subset})")
 
     meta = {"seed": config.erase.seed, "stage": stage.name, "data_position": None}
-    log = MetricsLog(stage_dir, stage.name)
+    log = MetricsLog(stage_dir, stage.name, start_step)
     final_loss = None
     bar = tqdm(total=stage.steps, initial=start_step, desc=f"erase[{stage.name}]", unit="it",
                disable=not progress or jax.process_index() != 0)
