@@ -102,7 +102,17 @@ def cmd_export(args, config) -> None:
           f"diffusion_flax_model.msgpack (Flax layout) and config.json")
 
 
-COMMANDS = {"sample": cmd_sample, "erase": cmd_erase, "refs": cmd_refs, "export": cmd_export}
+def cmd_bench(args, config) -> None:
+    from coerase_jax.benchmark import format_table, run_bench
+
+    result = run_bench(config, compile_only=args.compile_only)
+    print(format_table(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2, default=str))
+
+
+COMMANDS = {"sample": cmd_sample, "erase": cmd_erase, "refs": cmd_refs, "export": cmd_export, "bench": cmd_bench}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,7 +132,25 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--run", required=True, help="a finished run directory")
     export.add_argument("--out", required=True)
     export.add_argument("--config", default=DEFAULT_CONFIG, help=argparse.SUPPRESS)
+    bench = sub.add_parser("bench", help="compile and time the erasure step and the sampler")
+    bench.add_argument("--config", default=DEFAULT_CONFIG)
+    bench.add_argument("--json", help="write the results (fixed schema, see coerase_jax/benchmark.py) here")
+    bench.add_argument("--compile-only", action="store_true", help="compile and analyse, do not run")
+    bench.add_argument("--simulate-devices", type=int, default=0,
+                       help="on CPU: pretend to have N devices (for mesh / FSDP memory checks)")
     return parser
+
+
+def _simulate_devices(argv: list[str]) -> None:
+    """``--simulate-devices N`` must reach XLA before jax initialises its CPU backend."""
+    import os
+
+    for i, arg in enumerate(argv):
+        count = arg.split("=", 1)[1] if arg.startswith("--simulate-devices=") else (
+            argv[i + 1] if arg == "--simulate-devices" and i + 1 < len(argv) else None)
+        if count and int(count) > 0:
+            flags = os.environ.get("XLA_FLAGS", "")
+            os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={int(count)}".strip()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     from coerase_jax.erase.trainer import Preempted
 
     argv = sys.argv[1:] if argv is None else argv
+    _simulate_devices(argv)
     overrides = [a for a in argv if a.startswith(OVERRIDE_PREFIX)]
     parser = build_parser()
     args = parser.parse_args([a for a in argv if not a.startswith(OVERRIDE_PREFIX)])

@@ -198,6 +198,12 @@ def base_config(source: str) -> ml_collections.ConfigDict:
     config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     config.checkpoint = ml_collections.ConfigDict({"every": 100, "keep": 3, "async_save": True})
     config.log = ml_collections.ConfigDict({"every": 1})
+    config.bench = ml_collections.ConfigDict({
+        "shapes": "",  # "" = model.source's shapes; or a shape preset: tiny | sd15
+        "steps": 20,  # timed iterations after warm-up
+        "warmup": 3,
+        "donate": True,  # donate the train state's buffers to the step
+    })
     return config
 
 

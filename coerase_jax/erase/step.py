@@ -192,8 +192,9 @@ def teacher_terms(eps, teacher, z, t, text, uncond_text, image_tokens, s: StepSe
     return eps_cond, eps_uncond
 
 
-def jit_step(step_fn, mesh, state, frozen, teacher, proj_params, batch: Batch):
-    """``jax.jit`` with explicit shardings from the rules table; the state is donated.
+def jit_step(step_fn, mesh, state, frozen, teacher, proj_params, batch: Batch, donate: bool = True):
+    """``jax.jit`` with explicit shardings from the rules table; the state is donated (its buffers
+    are reused for the new state) unless ``donate`` is off.
 
     The arguments may be arrays or ShapeDtypeStructs (only their shapes and tree structure count).
     """
@@ -203,4 +204,5 @@ def jit_step(step_fn, mesh, state, frozen, teacher, proj_params, batch: Batch):
     in_shardings = (state_sh, mesh_lib.tree_shardings(frozen, mesh), mesh_lib.tree_shardings(teacher, mesh),
                     mesh_lib.tree_shardings(proj_params, mesh), batch_sh)
     metrics_sh = {"loss": rep, "grad_norm": rep, "ddim_index": rep, "timestep": rep}
-    return jax.jit(step_fn, in_shardings=in_shardings, out_shardings=(state_sh, metrics_sh), donate_argnums=(0,))
+    return jax.jit(step_fn, in_shardings=in_shardings, out_shardings=(state_sh, metrics_sh),
+                   donate_argnums=(0,) if donate else ())
