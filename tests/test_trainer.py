@@ -209,3 +209,30 @@ def test_contrastive_pairs_give_the_mean_difference_embedding(tiny_bundle, tmp_p
     (tmp_path / "pair1" / "negative.png").unlink()
     with pytest.raises(UserError, match="has no negative.png"):
         embeddings.contrastive_embeddings(tiny_bundle, tmp_path, "l2", average=False)
+
+
+def test_no_recompilation_during_a_run(tiny_bundle, image_dir, tmp_path):
+    """The step (z_t loop included) compiles once: no backend compile after the first step."""
+    from jax._src import monitoring
+    from jax._src.dispatch import BACKEND_COMPILE_EVENT
+
+    compiles = []
+
+    def count(event, duration, **kwargs):
+        if event == BACKEND_COMPILE_EVENT:
+            compiles.append(event)
+
+    monitoring.register_event_duration_secs_listener(count)
+    seen = {}
+    config = load_config(str(REPO / "configs" / "tiny.py"), _overrides(tmp_path / "run", image_dir, steps=8) + [
+        "--config.checkpoint.every=3"])
+    try:
+        run_erasure(config, tiny_bundle, progress=False, mesh=_one_device(),
+                    on_step=lambda stage, step, metrics: seen.setdefault(stage, []).append(
+                        (step, len(compiles), metrics["ddim_index"])))
+    finally:
+        monitoring.unregister_event_duration_listener(count)
+    for stage, records in seen.items():
+        assert [r[0] for r in records] == list(range(1, 9))
+        assert len({r[2] for r in records}) > 2, "the DDIM index should vary between steps"
+        assert records[-1][1] == records[0][1], f"{stage}: compiled again after its first step"

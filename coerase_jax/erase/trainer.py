@@ -256,8 +256,10 @@ class StageResult:
 
 
 def train_stage(stage: Stage, config, bundle: Bundle, start_params: dict, teacher_params: dict,
-                data: ConceptData, run_dir: Path, mesh, progress: bool = True) -> StageResult:
-    """Trains one stage to completion (resuming from its checkpoints) and returns the full params."""
+                data: ConceptData, run_dir: Path, mesh, progress: bool = True, on_step=None) -> StageResult:
+    """Trains one stage to completion (resuming from its checkpoints) and returns the full params.
+
+    ``on_step(stage_name, step, metrics)`` is called after every step (for monitors and tests)."""
     stage_dir = run_dir / f"stage_{stage.name}"
     stage_dir.mkdir(parents=True, exist_ok=True)
     optimizer = optimizer_for(config, stage)
@@ -325,6 +327,8 @@ def train_stage(stage: Stage, config, bundle: Bundle, start_params: dict, teache
                     log.write(done, metrics)
                 bar.update(1)
                 bar.set_postfix(loss=f"{metrics['loss']:.4g}")
+                if on_step is not None:
+                    on_step(stage.name, done, metrics)
                 if done % config.checkpoint.every == 0 or done == stage.steps:
                     save_checkpoint(manager, state, {**meta, "data_position": done})
                 if preemption.requested:
@@ -378,7 +382,7 @@ def reference_embeddings(config, bundle: Bundle, run_dir: Path, progress: bool =
     return embeddings.folder_embeddings(bundle, folder)
 
 
-def run_erasure(config, bundle: Bundle, progress: bool = True, mesh=None) -> dict:
+def run_erasure(config, bundle: Bundle, progress: bool = True, mesh=None, on_step=None) -> dict:
     """All stages of the config, in order, each resuming where it stopped. Returns the final params."""
     if not config.run_dir:
         raise UserError("run_dir is not set (--config.run_dir=DIR)")
@@ -397,7 +401,8 @@ def run_erasure(config, bundle: Bundle, progress: bool = True, mesh=None) -> dic
             print(f"[{stage.name}] already finished; loading its result")
             trained = load_stage_result(stage, config, params, run_dir)
         else:
-            trained = train_stage(stage, config, bundle, params, teacher, data, run_dir, mesh, progress).params
+            trained = train_stage(stage, config, bundle, params, teacher, data, run_dir, mesh, progress,
+                                  on_step).params
         # The next stage starts from this one's weights, and its teacher is this model.
         params, teacher = trained, trained
     return params
