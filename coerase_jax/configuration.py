@@ -185,6 +185,9 @@ def base_config(source: str) -> ml_collections.ConfigDict:
         "image_scale": 1.0,  # s in the decoupled attention
         "train_image_kv": False,  # train IP-Adapter's to_k_ip / to_v_ip too
         "teacher_dtype": "float32",  # float32 | bfloat16 (frozen teacher)
+        # > 1 departs from the paper (off by default): this many z_t per sampled trajectory, all in
+        # the step's loss, so the dominant cost (the z_t loop) is shared by K loss examples.
+        "snapshots_per_trajectory": 1,
     })
     config.text_stage = ml_collections.ConfigDict({"subset": "esd-u", "steps": 1000, "learning_rate": 1e-5})
     config.image_stage = ml_collections.ConfigDict({"subset": "esd-u", "steps": 1000, "learning_rate": 1e-5})

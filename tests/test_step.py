@@ -79,7 +79,7 @@ def test_matched_zt_is_the_ddim_sampler_run_downwards_from_T():
     settings = StepSettings(use_image=False)
     run = jax.jit(lambda key: sample_zt(eps, params, key, batch, None, plan, settings, (4, 4, 4)))
     key = next(jax.random.PRNGKey(s) for s in range(100)
-               if 3 <= int(jax.random.randint(jax.random.split(jax.random.PRNGKey(s), 3)[0], (), 0, 10)) <= 8)
+               if 3 <= int(jax.random.randint(jax.random.split(jax.random.PRNGKey(s), 3)[0], (1,), 0, 10)[0]) <= 8)
     index, z, t = run(key)
     index = int(index)
 
@@ -132,3 +132,31 @@ def test_sharded_step_equals_single_device():
     np.testing.assert_allclose(many_losses, one_losses, rtol=1e-5, atol=1e-6)
     for a, b in zip(jax.tree_util.tree_leaves(one_params), jax.tree_util.tree_leaves(many_params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_snapshots_share_one_trajectory_and_match_separate_runs():
+    """snapshots_per_trajectory=K (a marked departure): K z_t from one trajectory, each equal to
+    denoising to its own index."""
+    from coerase_jax.diffusion.sampling import Conditioning, denoise
+
+    unet, params, _, _ = micro_world()
+    eps = denoiser(unet)
+    plan = NoiseSchedule.from_config(SD_SCHEDULER).ddim_plan(10)
+    batch = micro_batch(2, with_image=False)
+    settings = StepSettings(use_image=False, snapshots_per_trajectory=3)
+    key = jax.random.PRNGKey(4)
+    _, z, t = jax.jit(lambda k: sample_zt(eps, params, k, batch, None, plan, settings, (4, 4, 4)))(key)
+    k_index, k_latent, _ = jax.random.split(key, 3)
+    indices = np.asarray(jax.random.randint(k_index, (3,), 0, 10))
+    noise = jax.random.normal(k_latent, (2, 4, 4, 4))
+    assert z.shape == (6, 4, 4, 4) and t.shape == (6,)
+    for j, index in enumerate(indices):
+        alone = jax.jit(lambda: denoise(lambda p, x, tt, c, i: eps(p, x, tt, c, i), params, noise, plan,
+                                        Conditioning(batch.text), num_steps=int(index)))()
+        np.testing.assert_allclose(np.asarray(z[2 * j:2 * j + 2]), np.asarray(alone), rtol=1e-5, atol=1e-6)
+        assert int(t[2 * j]) == int(plan.timesteps[index])
+
+    step, state, frozen, teacher, proj = micro_step(StepSettings(use_image=True, snapshots_per_trajectory=3),
+                                                    "esd-x", ddim_steps=4)
+    _, metrics = jax.jit(step)(state, frozen, teacher, proj, micro_batch(2))
+    assert np.isfinite(float(metrics["loss"]))

@@ -46,15 +46,40 @@ def denoise(denoiser: Denoiser, params, latents: jax.Array, plan: DDIMPlan, cond
     Returns the latent after those steps; with ``num_steps = i`` that is z at ``plan.timesteps[i]``
     (or the clean sample when i = N).
     """
-    batch = latents.shape[0]
     stop = plan.num_steps if num_steps is None else num_steps
+    body = _ddim_body(denoiser, params, plan, cond, uncond, guidance_scale, latents.shape[0])
+    return jax.lax.fori_loop(0, stop, body, latents)
 
+
+def denoise_with_snapshots(denoiser: Denoiser, params, latents: jax.Array, plan: DDIMPlan, cond: Conditioning,
+                           uncond: Conditioning | None, guidance_scale: float | jax.Array,
+                           indices: jax.Array) -> jax.Array:
+    """One trajectory from the noisiest step, recording the latent after ``indices[j]`` steps.
+
+    Returns (K, B, ...) with entry j equal to ``denoise(..., num_steps=indices[j])``; the loop runs
+    ``max(indices)`` steps once instead of K separate trajectories.
+    """
+    body = _ddim_body(denoiser, params, plan, cond, uncond, guidance_scale, latents.shape[0])
+    at_start = (indices == 0).reshape((-1,) + (1,) * latents.ndim)
+    snapshots = jnp.where(at_start, latents[None], jnp.zeros_like(latents)[None])
+
+    def record(k, carry):
+        x, snaps = carry
+        x = body(k, x)
+        hit = (indices == k + 1).reshape((-1,) + (1,) * x.ndim)  # x now sits after k + 1 steps
+        return x, jnp.where(hit, x[None], snaps)
+
+    _, snapshots = jax.lax.fori_loop(0, jnp.max(indices), record, (latents, snapshots))
+    return snapshots
+
+
+def _ddim_body(denoiser, params, plan, cond, uncond, guidance_scale, batch):
     def body(k, x):
         t = jnp.full((batch,), plan.timesteps[k])
         eps = guided_eps(denoiser, params, x, t, cond, uncond, guidance_scale)
         return ddim_step(x, eps, plan.alpha[k], plan.alpha_prev[k]).astype(x.dtype)
 
-    return jax.lax.fori_loop(0, stop, body, latents)
+    return body
 
 
 def initial_latents(seeds: jax.Array, shape: tuple[int, int, int]) -> jax.Array:

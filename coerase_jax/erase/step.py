@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from coerase_jax.diffusion.sampling import Conditioning, denoise
+from coerase_jax.diffusion.sampling import Conditioning, denoise, denoise_with_snapshots
 from coerase_jax.diffusion.schedule import DDIMPlan
 from coerase_jax.erase import method, subsets
 from coerase_jax.errors import UserError
@@ -65,6 +65,10 @@ class StepSettings:
     embed_noise: float = 0.0
     embed_noise_kind: str = "uniform"  # uniform (the reference's rand_like) | gaussian
     image_scale: float = 1.0
+    # DEPARTURE FROM THE PAPER when > 1 (off by default): take this many z_t from one sampled
+    # trajectory, at independent DDIM indices, and use them all in the step's loss; the z_t loop
+    # (the dominant cost) then runs once per K loss examples.
+    snapshots_per_trajectory: int = 1
     seed: int = 0
 
     def __post_init__(self):
@@ -74,6 +78,8 @@ class StepSettings:
             raise UserError(f"erase.timestep_pairing must be matched or bin, got {self.timestep_pairing!r}")
         if self.blur_kernel and (self.blur_kernel < 3 or self.blur_kernel % 2 == 0):
             raise UserError(f"erase.blur_kernel must be 0 or an odd size >= 3, got {self.blur_kernel}")
+        if self.snapshots_per_trajectory < 1:
+            raise UserError("erase.snapshots_per_trajectory must be at least 1")
         if self.embed_noise_kind not in ("uniform", "gaussian"):
             raise UserError(f"erase.embed_noise_kind must be uniform or gaussian, got {self.embed_noise_kind!r}")
 
@@ -126,6 +132,9 @@ def build_step(unet: UNet, image_proj: ImageProjection | None, plan: DDIMPlan, s
         sampler_params = subsets.merge(state.trainable, frozen) if s.zt_sampler == "trainee" else teacher
         index, z, t = sample_zt(eps, jax.lax.stop_gradient(sampler_params), k_zt, batch,
                                 image_tokens if s.zt_image_tokens else None, plan, s, latent_shape)
+        batch = repeat_batch(batch, s.snapshots_per_trajectory)  # one row per z_t
+        if image_tokens is not None:
+            image_tokens = jnp.tile(image_tokens, (s.snapshots_per_trajectory, 1, 1))
         eps_cond, eps_uncond = teacher_terms(eps, teacher, z, t, batch.text, batch.uncond_text, image_tokens, s)
         target = method.negative_guidance_target(eps_uncond, eps_cond, s.eta)
 
@@ -158,21 +167,40 @@ def image_condition(image_proj: ImageProjection, proj_params, batch: Batch, s: S
 def sample_zt(eps, sampler_params, key, batch: Batch, zt_tokens, plan: DDIMPlan, s: StepSettings,
               latent_shape: tuple[int, int, int]):
     """(i, z_t, t): DDIM index i ~ U{0..N-1}, the latent after i DDIM steps from the noisiest
-    timestep with the concept prompt (no gradient), and the loss timestep paired with it."""
+    timestep with the concept prompt (no gradient), and the loss timestep paired with it.
+
+    With K = ``snapshots_per_trajectory`` > 1: K indices on one trajectory; z_t and t are then
+    (K*B, ...) in snapshot-major order, and i is the largest index."""
     k_index, k_latent, k_time = jax.random.split(key, 3)
     batch_size = batch.text.shape[0]
-    index = jax.random.randint(k_index, (), 0, plan.num_steps)
+    snapshots = s.snapshots_per_trajectory
     uncond = Conditioning(batch.uncond_text, zt_tokens) if s.zt_guidance != 1.0 else None
     noise = jax.random.normal(k_latent, (batch_size,) + latent_shape, jnp.float32)
-    z = denoise(lambda p, x, t, c, i: eps(p, x, t, c, i, s.image_scale), sampler_params, noise, plan,
-                Conditioning(batch.text, zt_tokens), uncond, s.zt_guidance, num_steps=index)
+    cond = Conditioning(batch.text, zt_tokens)
+    zt_eps = lambda p, x, t, c, i: eps(p, x, t, c, i, s.image_scale)
+    if snapshots == 1:
+        indices = jax.random.randint(k_index, (1,), 0, plan.num_steps)
+        z = denoise(zt_eps, sampler_params, noise, plan, cond, uncond, s.zt_guidance, num_steps=indices[0])
+    else:
+        indices = jax.random.randint(k_index, (snapshots,), 0, plan.num_steps)
+        z = denoise_with_snapshots(zt_eps, sampler_params, noise, plan, cond, uncond, s.zt_guidance, indices)
+        z = z.reshape((snapshots * batch_size,) + latent_shape)
     if s.blur_kernel:
         z = method.gaussian_blur(z, s.blur_kernel, s.blur_sigma or method.default_blur_sigma(s.blur_kernel))
+    per_example = jnp.repeat(indices, batch_size)
     if s.timestep_pairing == "matched":
-        t = jnp.full((batch_size,), plan.timesteps[index])
+        t = plan.timesteps[per_example]
     else:
-        t = method.bin_timestep(k_time, index, plan.num_steps, batch_size)
-    return index, jax.lax.stop_gradient(z), t
+        t = method.bin_timestep(k_time, per_example, plan.num_steps, per_example.shape[0])
+    return jnp.max(indices), jax.lax.stop_gradient(z), t
+
+
+def repeat_batch(batch: Batch, times: int) -> Batch:
+    """The batch tiled ``times`` over (snapshot-major, matching sample_zt's z_t order)."""
+    if times == 1:
+        return batch
+    tile = lambda a: None if a is None else jnp.tile(a, (times,) + (1,) * (a.ndim - 1))
+    return Batch(*(tile(a) for a in batch))
 
 
 def teacher_terms(eps, teacher, z, t, text, uncond_text, image_tokens, s: StepSettings):

@@ -66,7 +66,8 @@ def plan_stages(config) -> list[Stage]:
             use_image=name == "image", eta=e.eta, text_uncond=e.text_uncond, zt_sampler=e.zt_sampler,
             zt_guidance=e.zt_guidance, zt_image_tokens=e.zt_image_tokens, timestep_pairing=e.timestep_pairing,
             blur_kernel=e.blur_kernel, blur_sigma=e.blur_sigma, refine=e.refine, embed_noise=e.embed_noise,
-            embed_noise_kind=e.embed_noise_kind, image_scale=e.image_scale, seed=e.seed)
+            embed_noise_kind=e.embed_noise_kind, image_scale=e.image_scale,
+            snapshots_per_trajectory=e.snapshots_per_trajectory, seed=e.seed)
         if section.steps < 1:
             raise UserError(f"{name}_stage.steps must be positive")
         out.append(Stage(name, subsets.resolve(section.subset), int(section.steps), float(section.learning_rate),
