@@ -122,6 +122,9 @@ def build_step(unet: UNet, image_proj: ImageProjection | None, plan: DDIMPlan, s
     """The pure step: (state, frozen, teacher, proj_params, batch) -> (state, metrics)."""
     s = settings
     eps = denoiser(unet)
+    # Mixed precision: fp32 master weights, cast to the compute dtype where they are used, so a
+    # sharded (FSDP) parameter is gathered in bf16 and its gradient flows back through the cast.
+    compute = lambda tree: jax.tree_util.tree_map(lambda x: x.astype(unet.precision.dtype), tree)
 
     def step(state: TrainState, frozen: dict, teacher: dict, proj_params, batch: Batch):
         key = jax.random.fold_in(jax.random.PRNGKey(s.seed), state.step)
@@ -130,16 +133,18 @@ def build_step(unet: UNet, image_proj: ImageProjection | None, plan: DDIMPlan, s
         if s.use_image:
             image_tokens = image_condition(image_proj, proj_params, batch, s, k_embed)
         sampler_params = subsets.merge(state.trainable, frozen) if s.zt_sampler == "trainee" else teacher
-        index, z, t = sample_zt(eps, jax.lax.stop_gradient(sampler_params), k_zt, batch,
+        index, z, t = sample_zt(eps, jax.lax.stop_gradient(compute(sampler_params)), k_zt, batch,
                                 image_tokens if s.zt_image_tokens else None, plan, s, latent_shape)
         batch = repeat_batch(batch, s.snapshots_per_trajectory)  # one row per z_t
         if image_tokens is not None:
             image_tokens = jnp.tile(image_tokens, (s.snapshots_per_trajectory, 1, 1))
-        eps_cond, eps_uncond = teacher_terms(eps, teacher, z, t, batch.text, batch.uncond_text, image_tokens, s)
+        eps_cond, eps_uncond = teacher_terms(eps, compute(teacher), z, t, batch.text, batch.uncond_text,
+                                             image_tokens, s)
         target = method.negative_guidance_target(eps_uncond, eps_cond, s.eta)
 
         def loss_fn(trainable):
-            prediction = eps(subsets.merge(trainable, frozen), z, t, batch.text, image_tokens, s.image_scale)
+            prediction = eps(compute(subsets.merge(trainable, frozen)), z, t, batch.text, image_tokens,
+                             s.image_scale)
             return method.erasure_loss(prediction, target)
 
         loss, grads = jax.value_and_grad(loss_fn)(state.trainable)
