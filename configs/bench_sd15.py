@@ -20,6 +20,7 @@ def get_config():
     config.erase.teacher_dtype = "bfloat16"
     config.model.dtype = "bfloat16"
     config.model.remat = "full"
+    config.model.attention_impl = "chunked"  # query-chunked, rematerialised; "cudnn" on NVIDIA GPUs
     config.sample.batch_size = 8
     config.sample.steps = 50
     return config

@@ -156,3 +156,22 @@ def test_unsupported_unet_config_is_a_clear_error():
         UNetConfig.from_diffusers({**PARITY_CONFIG, "block_out_channels": [48, 64, 64]})
     cfg = UNetConfig.from_diffusers(UNetConfig(**PARITY_CONFIG).to_diffusers())
     assert cfg == UNetConfig(**PARITY_CONFIG)
+
+
+def test_chunked_attention_equals_full_attention_with_gradients():
+    from coerase_jax.models.unet import QUERY_CHUNK, multihead_attention
+
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    q = jax.random.normal(keys[0], (1, 2 * QUERY_CHUNK, 8))
+    k = jax.random.normal(keys[1], (1, 2 * QUERY_CHUNK, 8))
+    v = jax.random.normal(keys[2], (1, 2 * QUERY_CHUNK, 8))
+
+    def run(impl):
+        f = lambda q: jnp.sum(multihead_attention(q, k, v, 2, impl) ** 2)
+        return jax.jit(jax.value_and_grad(f))(q)
+
+    (full_value, full_grad), (chunked_value, chunked_grad) = run("xla"), run("chunked")
+    np.testing.assert_allclose(float(chunked_value), float(full_value), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(chunked_grad), np.asarray(full_grad), rtol=1e-4, atol=1e-5)
+    with pytest.raises(UserError, match="attention_impl"):
+        Precision(attention_impl="flash")

@@ -170,12 +170,34 @@ def timestep_embedding(timesteps: Array, dim: int, flip_sin_to_cos: bool, freq_s
     return jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
 
 
+QUERY_CHUNK = 1024
+
+
 def multihead_attention(q: Array, k: Array, v: Array, heads: int, implementation: str | None) -> Array:
-    """softmax(Q K^T / sqrt(d)) V per head; q (B,T,D), k/v (B,S,D) -> (B,T,D)."""
+    """softmax(Q K^T / sqrt(d)) V per head; q (B,T,D), k/v (B,S,D) -> (B,T,D).
+
+    ``implementation``: None (JAX chooses), "xla", "cudnn" (flash attention on NVIDIA GPUs), or
+    "chunked": queries in blocks of QUERY_CHUNK under a sequential map, each block rematerialised,
+    so at most one (block x S) score matrix is alive, in the forward and the backward pass alike.
+    """
     b, t, d = q.shape
     split = lambda x: x.reshape(x.shape[0], x.shape[1], heads, d // heads)
-    out = jax.nn.dot_product_attention(split(q), split(k), split(v), implementation=implementation)
+    q, k, v = split(q), split(k), split(v)
+    if implementation == "chunked":
+        out = _chunked_attention(q, k, v)
+    else:
+        out = jax.nn.dot_product_attention(q, k, v, implementation=implementation)
     return out.reshape(b, t, d)
+
+
+def _chunked_attention(q: Array, k: Array, v: Array) -> Array:
+    b, t, n, h = q.shape
+    if t <= QUERY_CHUNK or t % QUERY_CHUNK:
+        return jax.nn.dot_product_attention(q, k, v)
+    blocks = jnp.moveaxis(q.reshape(b, t // QUERY_CHUNK, QUERY_CHUNK, n, h), 1, 0)
+    attend = jax.checkpoint(lambda q_block: jax.nn.dot_product_attention(q_block, k, v))
+    out = jax.lax.map(attend, blocks)
+    return jnp.moveaxis(out, 0, 1).reshape(b, t, n, h)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,13 +206,15 @@ class Precision:
 
     dtype: Any = jnp.float32  # compute dtype
     param_dtype: Any = jnp.float32  # dtype of freshly initialised parameters
-    attention_impl: str | None = None  # None lets JAX choose; "xla" | "cudnn"
+    attention_impl: str | None = None  # None lets JAX choose; "xla" | "cudnn" | "chunked"
     remat: str = "none"  # key of REMAT_POLICIES
     numerics: str = "torch"  # "torch" | "diffusers_flax"
 
     def __post_init__(self):
         if self.remat not in REMAT_POLICIES:
             raise UserError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
+        if self.attention_impl not in (None, "xla", "cudnn", "chunked"):
+            raise UserError(f"attention_impl must be xla, cudnn or chunked, got {self.attention_impl!r}")
         if self.numerics not in ("torch", "diffusers_flax"):
             raise UserError(f"numerics must be 'torch' or 'diffusers_flax', got {self.numerics!r}")
 
