@@ -118,8 +118,11 @@ def denoiser(unet: UNet):
 
 
 def build_step(unet: UNet, image_proj: ImageProjection | None, plan: DDIMPlan, settings: StepSettings,
-               optimizer: optax.GradientTransformation, latent_shape: tuple[int, int, int]):
-    """The pure step: (state, frozen, teacher, proj_params, batch) -> (state, metrics)."""
+               optimizer: optax.GradientTransformation, latent_shape: tuple[int, int, int], mesh=None):
+    """The pure step: (state, frozen, teacher, proj_params, batch) -> (state, metrics).
+
+    With a ``mesh``, gradients are constrained to their parameters' shardings, so under FSDP each
+    gradient is reduce-scattered as soon as it exists instead of living unsharded until the update."""
     s = settings
     eps = denoiser(unet)
     # Mixed precision: fp32 master weights, cast to the compute dtype where they are used, so a
@@ -148,6 +151,8 @@ def build_step(unet: UNet, image_proj: ImageProjection | None, plan: DDIMPlan, s
             return method.erasure_loss(prediction, target)
 
         loss, grads = jax.value_and_grad(loss_fn)(state.trainable)
+        if mesh is not None:
+            grads = jax.lax.with_sharding_constraint(grads, mesh_lib.tree_shardings(grads, mesh))
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "ddim_index": index,

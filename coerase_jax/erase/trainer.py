@@ -294,7 +294,7 @@ def train_stage(stage: Stage, config, bundle: Bundle, start_params: dict, teache
         print(f"[{stage.name}] resuming from step {start_step}")
 
     step_fn = build_step(bundle.unet, bundle.image.proj if bundle.image else None, plan, stage.settings,
-                         optimizer, bundle.latent_shape)
+                         optimizer, bundle.latent_shape, mesh)
     example = put_batch(sample_batch(data, config.erase.seed, 0, batch_size), mesh)
     jitted = jit_step(step_fn, mesh, abstract_state, frozen, teacher, proj_params, example)
     compile_start = time.perf_counter()
