@@ -10,6 +10,7 @@ What it reports (JSON schema, all keys always present; ``null`` where a backend 
     images_per_s                              sampler: images per second, N-step DDIM + CFG, UNet only
     sampler_compile_s
     flops_per_iter                            expected FLOPs of one iteration (see below)
+    flops_zt_eval                             FLOPs of one z_t denoising evaluation (loop body)
     achieved_flops_per_s, mfu                 flops_per_iter / step_s_mean, and that over the peak
                                               bf16 dense FLOP/s of all devices (null on CPU/unknown)
     peak_memory_bytes                         device memory stats where the backend has them, else
@@ -205,6 +206,7 @@ def run_bench(config, compile_only: bool = False) -> dict[str, Any]:
         "step_s_mean": None,
         "iters_per_s": None,
         "flops_per_iter": flops_per_iter,
+        "flops_zt_eval": body_flops,
         "achieved_flops_per_s": None,
         "mfu": None,
         "peak_memory_bytes": _footprint(memory),
