@@ -79,10 +79,12 @@ def cmd_refs(args, config) -> None:
 
     d = config.data
     out = Path(args.out or (Path(config.run_dir) / "references"))
+    from coerase_jax.parallel.mesh import make_mesh
+
     bundle = load_bundle_from_config(config.model)
     prompts = list(config.concept.reference_prompts) or list(config.concept.prompts)
     generate_references(bundle, out, prompts, d.num_references, d.reference_seed, d.reference_steps,
-                        d.reference_guidance, d.reference_batch_size)
+                        d.reference_guidance, d.reference_batch_size, mesh=make_mesh(dict(config.mesh)))
     print(f"wrote {d.num_references} reference images and manifest.json to {out}")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
 from PIL import Image
 
@@ -25,7 +26,10 @@ def reference_jobs(prompts: list[str], count: int, seed: int) -> list[dict]:
 
 
 def generate_references(bundle: Bundle, out_dir: str | Path, prompts: list[str], count: int, seed: int,
-                        steps: int, guidance_scale: float, batch_size: int, progress: bool = True) -> Path:
+                        steps: int, guidance_scale: float, batch_size: int, progress: bool = True,
+                        mesh=None) -> Path:
+    """Writes the images (batched; split over ``mesh``'s data devices when given) and the manifest.
+    Only process 0 writes files."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = {"prompts": list(prompts), "count": count, "seed": seed, "steps": steps,
@@ -37,13 +41,16 @@ def generate_references(bundle: Bundle, out_dir: str | Path, prompts: list[str],
             stale.unlink()
     todo = [job for job in jobs if not (out_dir / job["file"]).is_file()]
     if todo:
-        sampler = Sampler(bundle, steps, guidance_scale, batch_size)
+        sampler = Sampler(bundle, steps, guidance_scale, batch_size, mesh)
         for start in range(0, len(todo), batch_size * 4):  # write as we go, so an interruption keeps work
             chunk = todo[start:start + batch_size * 4]
             images = sampler([j["prompt"] for j in chunk], [j["seed"] for j in chunk], progress=progress)
+            if jax.process_index() != 0:
+                continue
             for job, image in zip(chunk, images):
                 tmp = out_dir / f".{job['file']}.tmp.png"
                 Image.fromarray(np.asarray(image)).save(tmp)
                 tmp.replace(out_dir / job["file"])
-    manifest_path.write_text(json.dumps({"settings": settings, "images": jobs}, indent=2))
+    if jax.process_index() == 0:
+        manifest_path.write_text(json.dumps({"settings": settings, "images": jobs}, indent=2))
     return out_dir

@@ -17,17 +17,27 @@ from coerase_jax.diffusion.sampling import Conditioning, denoise, initial_latent
 from coerase_jax.diffusion.schedule import NoiseSchedule
 from coerase_jax.errors import UserError
 from coerase_jax.models.bundle import Bundle
+from coerase_jax.parallel import mesh as mesh_lib
 
 
 class Sampler:
-    def __init__(self, bundle: Bundle, steps: int = 25, guidance_scale: float = 7.5, batch_size: int = 8):
+    """With a ``mesh``, each batch is split over its data x fsdp devices (weights replicated)."""
+
+    def __init__(self, bundle: Bundle, steps: int = 25, guidance_scale: float = 7.5, batch_size: int = 8,
+                 mesh=None):
         self.bundle = bundle
         self.plan = NoiseSchedule.from_config(bundle.scheduler_config).ddim_plan(steps)
         self.guidance_scale = float(guidance_scale)
         self.batch_size = int(batch_size)
         if self.batch_size < 1:
             raise UserError(f"batch size must be positive, got {batch_size}")
-        self._sample = jax.jit(self._sample_batch)
+        if mesh is None:
+            self._sample = jax.jit(self._sample_batch)
+        else:
+            mesh_lib.batch_size_per_replica_check(self.batch_size, mesh)
+            rep, data = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
+            self._sample = jax.jit(self._sample_batch, in_shardings=(rep, rep, data, data, data, data, data),
+                                   out_shardings=data)
 
     def _sample_batch(self, unet_params, text_params, cond_ids, uncond_ids, seeds, image_tokens, uncond_image_tokens):
         b = self.bundle
