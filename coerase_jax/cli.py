@@ -29,7 +29,6 @@ def _quiet_libraries() -> None:
 
 
 def cmd_sample(args, config) -> None:
-    import numpy as np
     from PIL import Image
 
     from coerase_jax.diffusion.pipeline import Sampler, image_grid

@@ -57,7 +57,8 @@ def _parse_value(text: str, current):
         if lowered in ("false", "0", "no"):
             return False
         raise UserError(f"expected true/false, got {text!r}")
-    if isinstance(current, str) or current is None and not text[:1] in "([{-0123456789'\"":
+    looks_literal = text[:1] in "([{-0123456789'\""
+    if isinstance(current, str) or (current is None and not looks_literal):
         return text
     try:
         value = ast.literal_eval(text)

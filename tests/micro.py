@@ -1,6 +1,5 @@
 """A micro UNet + image projection + text states: enough to run the real erasure step in seconds."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 

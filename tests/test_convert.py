@@ -1,6 +1,5 @@
 """Weights in and out without torch: exact round trips and a hand-built PyTorch-layout file."""
 
-import jax
 import numpy as np
 import pytest
 from flax import traverse_util
@@ -8,7 +7,7 @@ from flax import traverse_util
 from coerase_jax.errors import UserError
 from coerase_jax.models import convert, presets
 from coerase_jax.models import vae as vae_lib
-from coerase_jax.models.bundle import load_unet, load_vae
+from coerase_jax.models.bundle import load_unet
 from coerase_jax.models.clip import CLIPImageEncoder, CLIPTextEncoder
 from coerase_jax.models.export import export_unet
 from coerase_jax.models.image_proj import ImageProjection

@@ -23,7 +23,6 @@ import math
 import signal
 import time
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp

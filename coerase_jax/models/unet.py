@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -387,6 +387,16 @@ class _BlockSpec:
     resample: bool  # downsample after a down block, upsample after an up block
 
 
+def _resnet(s: _BlockSpec, cfg: UNetConfig, p: Precision, name: str) -> nn.Module:
+    """A (possibly rematerialised) resnet of a block; built inside its parent's compact call."""
+    return p.remat_module(ResnetBlock)(s.channels, cfg.norm_num_groups, cfg.norm_eps, p, name=name)
+
+
+def _transformer(s: _BlockSpec, cfg: UNetConfig, p: Precision, with_image_kv: bool, name: str) -> nn.Module:
+    return SpatialTransformer(s.heads, s.depth, cfg.use_linear_projection, s.only_cross_attention, with_image_kv,
+                              cfg.norm_num_groups, p, name=name)
+
+
 class DownBlock(nn.Module):
     spec: _BlockSpec
     config: UNetConfig
@@ -398,12 +408,10 @@ class DownBlock(nn.Module):
         s, cfg, p = self.spec, self.config, self.precision
         skips = []
         for i in range(s.num_layers):
-            x = p.remat_module(ResnetBlock)(s.channels, cfg.norm_num_groups, cfg.norm_eps, p,
-                                            name=f"resnets_{i}")(x, temb)
+            x = _resnet(s, cfg, p, f"resnets_{i}")(x, temb)
             if s.with_attention:
-                x = SpatialTransformer(s.heads, s.depth, cfg.use_linear_projection, s.only_cross_attention,
-                                       self.with_image_kv, cfg.norm_num_groups, p, name=f"attentions_{i}")(
-                    x, context, image_tokens, image_scale)
+                x = _transformer(s, cfg, p, self.with_image_kv, f"attentions_{i}")(x, context, image_tokens,
+                                                                                   image_scale)
             skips.append(x)
         if s.resample:
             x = _Sampler(s.channels, False, p, name="downsamplers_0")(x)
@@ -422,12 +430,10 @@ class UpBlock(nn.Module):
         s, cfg, p = self.spec, self.config, self.precision
         for i in range(s.num_layers):
             x = jnp.concatenate([x, skips.pop()], axis=-1)
-            x = p.remat_module(ResnetBlock)(s.channels, cfg.norm_num_groups, cfg.norm_eps, p,
-                                            name=f"resnets_{i}")(x, temb)
+            x = _resnet(s, cfg, p, f"resnets_{i}")(x, temb)
             if s.with_attention:
-                x = SpatialTransformer(s.heads, s.depth, cfg.use_linear_projection, s.only_cross_attention,
-                                       self.with_image_kv, cfg.norm_num_groups, p, name=f"attentions_{i}")(
-                    x, context, image_tokens, image_scale)
+                x = _transformer(s, cfg, p, self.with_image_kv, f"attentions_{i}")(x, context, image_tokens,
+                                                                                   image_scale)
         if s.resample:
             x = _Sampler(s.channels, True, p, name="upsamplers_0")(x)
         return x
@@ -442,11 +448,9 @@ class MidBlock(nn.Module):
     @nn.compact
     def __call__(self, x, temb, context, image_tokens, image_scale):
         s, cfg, p = self.spec, self.config, self.precision
-        resnet = p.remat_module(ResnetBlock)
-        x = resnet(s.channels, cfg.norm_num_groups, cfg.norm_eps, p, name="resnets_0")(x, temb)
-        x = SpatialTransformer(s.heads, s.depth, cfg.use_linear_projection, False, self.with_image_kv,
-                               cfg.norm_num_groups, p, name="attentions_0")(x, context, image_tokens, image_scale)
-        return resnet(s.channels, cfg.norm_num_groups, cfg.norm_eps, p, name="resnets_1")(x, temb)
+        x = _resnet(s, cfg, p, "resnets_0")(x, temb)
+        x = _transformer(s, cfg, p, self.with_image_kv, "attentions_0")(x, context, image_tokens, image_scale)
+        return _resnet(s, cfg, p, "resnets_1")(x, temb)
 
 
 class UNet(nn.Module):
