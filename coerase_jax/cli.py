@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 from pathlib import Path
@@ -18,14 +17,6 @@ from pathlib import Path
 from coerase_jax.errors import UserError
 
 DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.py")
-
-
-def _quiet_libraries() -> None:
-    # diffusers warns "Flax classes are deprecated" for every module; we pin the last Flax release.
-    logging.getLogger("diffusers").setLevel(logging.ERROR)
-    import diffusers.utils.logging as dlog
-
-    dlog.set_verbosity_error()
 
 
 def cmd_sample(args, config) -> None:
@@ -163,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [a for a in argv if a.startswith(OVERRIDE_PREFIX)]
     parser = build_parser()
     args = parser.parse_args([a for a in argv if not a.startswith(OVERRIDE_PREFIX)])
-    _quiet_libraries()
+    from coerase_jax.models import quiet_library_warnings
+
+    quiet_library_warnings()
     try:
         config = load_config(args.config, overrides)
         COMMANDS[args.command](args, config)
