@@ -39,9 +39,9 @@ from coerase_jax.diffusion.sampling import Conditioning, denoise, guided_eps
 from coerase_jax.diffusion.schedule import NoiseSchedule
 from coerase_jax.erase import subsets
 from coerase_jax.erase.step import Batch, TrainState, build_step, denoiser, jit_step
-from coerase_jax.erase.trainer import _DTYPES, optimizer_for, plan_stages
+from coerase_jax.erase.trainer import optimizer_for, plan_stages
 from coerase_jax.errors import UserError
-from coerase_jax.models.bundle import precision_from_config
+from coerase_jax.models.bundle import DTYPES, precision_from_config
 from coerase_jax.models.image_proj import ImageProjection
 from coerase_jax.models.presets import SD_SCHEDULER, TINY_UNET
 from coerase_jax.models.unet import UNet, UNetConfig
@@ -135,7 +135,7 @@ def run_bench(config, compile_only: bool = False) -> dict[str, Any]:
     plan = NoiseSchedule.from_config(SD_SCHEDULER).ddim_plan(config.erase.ddim_steps)
     batch_size = config.erase.batch_size
     mesh_lib.batch_size_per_replica_check(batch_size, mesh)
-    teacher_dtype = _DTYPES[config.erase.teacher_dtype]
+    teacher_dtype = DTYPES[config.erase.teacher_dtype]
 
     params = jax.eval_shape(unet.init_params, jax.random.PRNGKey(0))
     trainable, frozen = subsets.split(params, stage.subset, config.erase.train_image_kv)

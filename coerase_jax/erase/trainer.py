@@ -36,11 +36,10 @@ from coerase_jax.erase import subsets
 from coerase_jax.erase.method import real_token_mask
 from coerase_jax.erase.step import Batch, StepSettings, TrainState, build_step, jit_step, make_optimizer
 from coerase_jax.errors import UserError
-from coerase_jax.models.bundle import Bundle
+from coerase_jax.models.bundle import DTYPES, Bundle
 from coerase_jax.parallel import mesh as mesh_lib
 
 STAGES = ("text", "image")
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Config sections that may change between a run and its resumption (they do not change the math).
 RESUMABLE_CHANGES = ("checkpoint", "log")
 
@@ -264,9 +263,9 @@ def train_stage(stage: Stage, config, bundle: Bundle, start_params: dict, teache
     stage_dir.mkdir(parents=True, exist_ok=True)
     optimizer = optimizer_for(config, stage)
     trainable, frozen = subsets.split(start_params, stage.subset, config.erase.train_image_kv)
-    teacher_dtype = _DTYPES.get(config.erase.teacher_dtype)
+    teacher_dtype = DTYPES.get(config.erase.teacher_dtype)
     if teacher_dtype is None:
-        raise UserError(f"erase.teacher_dtype must be one of {sorted(_DTYPES)}")
+        raise UserError(f"erase.teacher_dtype must be one of {sorted(DTYPES)}")
     teacher = cast_tree(teacher_params, teacher_dtype)
     proj_params = bundle.image.proj_params if bundle.image is not None else {}
     if stage.settings.use_image and bundle.image is None:

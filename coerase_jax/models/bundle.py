@@ -235,13 +235,13 @@ def load_bundle(source: str, *, ip_adapter: str | None = None, image_encoder: st
                   scheduler_config, image, source=str(source))
 
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def precision_from_config(model_config) -> Precision:
-    if model_config.dtype not in _DTYPES:
-        raise UserError(f"model.dtype must be one of {sorted(_DTYPES)}, got {model_config.dtype!r}")
-    return Precision(dtype=_DTYPES[model_config.dtype], attention_impl=model_config.attention_impl or None,
+    if model_config.dtype not in DTYPES:
+        raise UserError(f"model.dtype must be one of {sorted(DTYPES)}, got {model_config.dtype!r}")
+    return Precision(dtype=DTYPES[model_config.dtype], attention_impl=model_config.attention_impl or None,
                      remat=model_config.remat)
 
 
