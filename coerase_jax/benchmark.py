@@ -183,8 +183,7 @@ def run_bench(config, compile_only: bool = False) -> dict[str, Any]:
 
     concrete = None
     if not compile_only:
-        concrete = _materialise(unet, proj, shapes, params, trainable, frozen, teacher_dtype, init_state, mesh,
-                                config, stage)
+        concrete = _materialise(unet, proj, shapes, params, teacher_dtype, init_state, mesh, config, stage)
     sample_plan = NoiseSchedule.from_config(SD_SCHEDULER).ddim_plan(config.sample.steps)
     sampler = _sampler_bench(eps, sample_plan, params, shapes, mesh, config,
                              None if concrete is None else concrete[4])
@@ -249,12 +248,12 @@ def run_bench(config, compile_only: bool = False) -> dict[str, Any]:
     return result
 
 
-def _materialise(unet, proj, shapes, params, trainable, frozen, teacher_dtype, init_state, mesh, config, stage):
+def _materialise(unet, proj, shapes, params, teacher_dtype, init_state, mesh, config, stage):
     """Random weights, created on the devices with their final shardings (no host copy of SD)."""
     sh = lambda tree: mesh_lib.tree_shardings(tree, mesh)
     full = jax.jit(unet.init_params, out_shardings=sh(params))(jax.random.PRNGKey(0))
     train, froz = subsets.split(full, stage.subset, config.erase.train_image_kv)
-    state = jax.jit(init_state, out_shardings=sh(jax.eval_shape(init_state, trainable)))(train)
+    state = jax.jit(init_state, out_shardings=sh(jax.eval_shape(init_state, train)))(train)
     teacher = jax.jit(lambda p: jax.tree_util.tree_map(lambda x: x.astype(teacher_dtype), p),
                       out_shardings=sh(params))(full)
     proj_params = jax.jit(lambda r: proj.init_params(r, shapes.embed_dim))(jax.random.PRNGKey(1))

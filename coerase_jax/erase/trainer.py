@@ -248,14 +248,8 @@ def cast_tree(tree, dtype):
     return jax.tree_util.tree_map(lambda x: x.astype(dtype), tree)
 
 
-@dataclasses.dataclass
-class StageResult:
-    params: dict  # the full trained UNet tree
-    final_loss: float | None
-
-
 def train_stage(stage: Stage, config, bundle: Bundle, start_params: dict, teacher_params: dict,
-                data: ConceptData, run_dir: Path, mesh, progress: bool = True, on_step=None) -> StageResult:
+                data: ConceptData, run_dir: Path, mesh, progress: bool = True, on_step=None) -> dict:
     """Trains one stage to completion (resuming from its checkpoints) and returns the full params.
 
     ``on_step(stage_name, step, metrics)`` is called after every step (for monitors and tests)."""
@@ -342,7 +336,7 @@ def train_stage(stage: Stage, config, bundle: Bundle, start_params: dict, teache
         manager.close()
     if jax.process_index() == 0:
         (stage_dir / "done.json").write_text(json.dumps({"steps": stage.steps, "final_loss": final_loss}))
-    return StageResult(subsets.merge(jax.device_get(state.trainable), jax.device_get(frozen)), final_loss)
+    return subsets.merge(jax.device_get(state.trainable), jax.device_get(frozen))
 
 
 def load_stage_result(stage: Stage, config, start_params: dict, run_dir: Path) -> dict:
@@ -402,8 +396,7 @@ def run_erasure(config, bundle: Bundle, progress: bool = True, mesh=None, on_ste
             print(f"[{stage.name}] already finished; loading its result")
             trained = load_stage_result(stage, config, params, run_dir)
         else:
-            trained = train_stage(stage, config, bundle, params, teacher, data, run_dir, mesh, progress,
-                                  on_step).params
+            trained = train_stage(stage, config, bundle, params, teacher, data, run_dir, mesh, progress, on_step)
         # The next stage starts from this one's weights, and its teacher is this model.
         params, teacher = trained, trained
     return params
