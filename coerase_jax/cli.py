@@ -16,7 +16,7 @@ from pathlib import Path
 
 from coerase_jax.errors import UserError
 
-DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "tiny.py")
+DEFAULT_CONFIG = str(Path(__file__).resolve().parent.parent / "configs" / "toyworld.py")
 
 
 def cmd_sample(args, config) -> None:
@@ -55,12 +55,30 @@ def cmd_erase(args, config) -> None:
     from coerase_jax.erase.trainer import run_erasure
     from coerase_jax.models.bundle import load_bundle_from_config
 
-    if args.run_dir:
+    if args.run_dir or args.out:
         with config.unlocked():
-            config.run_dir = args.run_dir
+            config.run_dir = args.run_dir or str(Path(args.out) / "run")
+    start = time.perf_counter()
     bundle = load_bundle_from_config(config.model)
     run_erasure(config, bundle)
     print(f"finished: {config.run_dir} (export with: coerase export --run {config.run_dir} --out DIR)")
+    if config.report.kind == "toyworld":
+        report_toyworld(config, bundle, Path(args.out or config.run_dir))
+    print(f"total {time.perf_counter() - start:.0f}s")
+
+
+def report_toyworld(config, bundle, out: Path) -> None:
+    """Original vs text stage only (the ESD baseline) vs Co-Erasing, judged by the world's classifier."""
+    from coerase_jax.erase.trainer import load_stage_result, plan_stages
+    from coerase_jax.toyworld import report
+
+    models, params = {"original": bundle.unet_params}, bundle.unet_params
+    for stage in plan_stages(config):
+        params = load_stage_result(stage, config, params, Path(config.run_dir))
+        models["text_only" if stage.name == "text" else "co_erasing"] = params
+    result = report.compare(bundle, models, config.concept.name, config.report, out)
+    print(report.format_table(result))
+    print(f"wrote {out / 'report.json'} and {out / 'grid.png'}")
 
 
 def cmd_refs(args, config) -> None:
@@ -104,19 +122,31 @@ def cmd_bench(args, config) -> None:
         Path(args.json).write_text(json.dumps(result, indent=2, default=str))
 
 
-COMMANDS = {"sample": cmd_sample, "erase": cmd_erase, "refs": cmd_refs, "export": cmd_export, "bench": cmd_bench}
+def cmd_toyworld(args, config) -> None:
+    from coerase_jax.toyworld.train import TrainPlan, build_world_model
+
+    plan = TrainPlan.quick() if args.quick else TrainPlan(seed=args.seed)
+    start = time.perf_counter()
+    out = build_world_model(args.out, plan)
+    print(f"wrote the small world's SD stack to {out} in {time.perf_counter() - start:.0f}s")
+
+
+COMMANDS = {"sample": cmd_sample, "erase": cmd_erase, "refs": cmd_refs, "export": cmd_export, "bench": cmd_bench,
+            "toyworld": cmd_toyworld}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coerase", description="Co-Erasing concept erasure for SD 1.x in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
     sample = sub.add_parser("sample", help="generate images with DDIM + classifier-free guidance")
-    sample.add_argument("--config", default=DEFAULT_CONFIG, help="config file (default: configs/tiny.py)")
+    sample.add_argument("--config", default=DEFAULT_CONFIG, help="config file (default: configs/toyworld.py, the small world)")
     sample.add_argument("--prompt", action="append", help="a prompt (repeatable); overrides sample.prompts")
     sample.add_argument("--out", required=True, help="output folder for PNGs, grid.png and manifest.json")
     erase = sub.add_parser("erase", help="erase a concept (text stage, then the Co-Erasing image stage)")
     erase.add_argument("--config", default=DEFAULT_CONFIG)
     erase.add_argument("--run-dir", help="run directory (overrides run_dir); an existing one resumes")
+    erase.add_argument("--out", help="output folder: the run (OUT/run) and, for the small world, report.json "
+                                     "and grid.png")
     refs = sub.add_parser("refs", help="generate reference images of the concept with the original model")
     refs.add_argument("--config", default=DEFAULT_CONFIG)
     refs.add_argument("--out", help="output folder (default: run_dir/references)")
@@ -130,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--compile-only", action="store_true", help="compile and analyse, do not run")
     bench.add_argument("--simulate-devices", type=int, default=0,
                        help="on CPU: pretend to have N devices (for mesh / FSDP memory checks)")
+    toyworld = sub.add_parser("toyworld", help="the small world: `coerase toyworld train --out DIR`")
+    toyworld.add_argument("action", choices=["train"], help="train the whole stack from scratch (~35 min, 2 cores)")
+    toyworld.add_argument("--out", required=True, help="output folder (diffusers layout); resumes finished parts")
+    toyworld.add_argument("--seed", type=int, default=0)
+    toyworld.add_argument("--quick", action="store_true", help="a few steps of each part, to check the chain")
+    toyworld.add_argument("--config", default=DEFAULT_CONFIG, help=argparse.SUPPRESS)
     return parser
 
 

@@ -202,6 +202,13 @@ def base_config(source: str) -> ml_collections.ConfigDict:
     config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
     config.checkpoint = ml_collections.ConfigDict({"every": 100, "keep": 3, "async_save": True})
     config.log = ml_collections.ConfigDict({"every": 1})
+    config.report = ml_collections.ConfigDict({
+        "kind": "",  # what `erase` reports after training: "" = nothing | toyworld (the small world's judge)
+        "images_per_prompt": 16,
+        "steps": 25,
+        "guidance_scale": 3.0,
+        "seed": 1000,  # evaluation seeds start here (apart from the reference images' seeds)
+    })
     config.bench = ml_collections.ConfigDict({
         "shapes": "",  # "" = model.source's shapes; or a shape preset: tiny | sd15
         "steps": 20,  # timed iterations after warm-up

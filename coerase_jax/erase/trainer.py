@@ -41,7 +41,7 @@ from coerase_jax.parallel import mesh as mesh_lib
 
 STAGES = ("text", "image")
 # Config sections that may change between a run and its resumption (they do not change the math).
-RESUMABLE_CHANGES = ("checkpoint", "log")
+RESUMABLE_CHANGES = ("checkpoint", "log", "report", "sample", "bench")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,6 +19,7 @@ import numpy as np
 from transformers import CLIPTextConfig, CLIPVisionConfig
 from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
+from coerase_jax.errors import UserError
 from coerase_jax.models import convert
 from coerase_jax.models import vae as vae_lib
 from coerase_jax.models.clip import CLIPImageEncoder, CLIPTextEncoder
@@ -26,7 +27,9 @@ from coerase_jax.models.image_proj import ImageProjection
 from coerase_jax.models.export import export_unet
 from coerase_jax.models.unet import UNet, UNetConfig, cross_attention_paths, split_image_kv
 
-PRESETS = ("tiny",)
+PRESETS = ("tiny", "toyworld")
+# The trained small world ships inside the package (built by ``coerase toyworld train``).
+TOYWORLD_DIR = Path(__file__).resolve().parent.parent / "toyworld" / "model"
 _FORMAT_VERSION = "1"  # bump when the tiny preset's contents change, so caches are rebuilt
 
 SD_SCHEDULER = {
@@ -66,6 +69,31 @@ TINY_VAE = {
     "act_fn": "silu",
     "scaling_factor": 0.18215,
 }
+
+# The small world's stack (DESIGN.md section 7): 32-px images, 8x8x4 latents, 16-token prompts.
+WORLD_UNET = UNetConfig(
+    sample_size=8,
+    block_out_channels=(32, 64, 64),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    layers_per_block=1,
+    attention_head_dim=4,
+    cross_attention_dim=64,
+)
+
+WORLD_VAE = {**TINY_VAE, "block_out_channels": [32, 64, 64], "norm_num_groups": 16}
+
+
+def world_text_config(vocab_size: int) -> CLIPTextConfig:
+    return CLIPTextConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                          num_attention_heads=4, max_position_embeddings=16, projection_dim=64,
+                          bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
+
+
+def world_vision_config() -> CLIPVisionConfig:
+    return CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                            image_size=32, patch_size=4, projection_dim=64)
+
 
 START, END = "<|startoftext|>", "<|endoftext|>"
 
@@ -169,7 +197,13 @@ def cache_root() -> Path:
 
 
 def materialise(name: str, seed: int = 0) -> Path:
-    """The preset's folder in the cache, written first if absent (atomically: temp dir + rename)."""
+    """The preset's folder: the shipped small world, or (``tiny``) a cache folder written first if
+    absent (atomically: temp dir + rename)."""
+    if name == "toyworld":
+        if not (TOYWORLD_DIR / "model_index.json").is_file():
+            raise UserError(f"the small world's model is missing from {TOYWORLD_DIR} (rebuild it with "
+                            f"`coerase toyworld train --out {TOYWORLD_DIR}`)")
+        return TOYWORLD_DIR
     tag = hashlib.sha1(f"{name}-{seed}-{_FORMAT_VERSION}".encode()).hexdigest()[:10]
     target = cache_root() / f"{name}-{tag}"
     if target.is_dir():

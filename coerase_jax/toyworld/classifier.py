@@ -1,0 +1,78 @@
+"""The small world's judge: a CNN that says which shape (or none) and which colour an image shows.
+
+It is the evaluation model of the small world (what NudeNet or a CLIP zero-shot classifier is at
+real scale). Stored beside the bundle as ``evaluator/classifier.safetensors`` + ``config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from coerase_jax.errors import UserError
+from coerase_jax.models import convert
+from coerase_jax.toyworld import world
+
+NONE = "none"  # an empty canvas or a shapeless smear
+SHAPE_CLASSES = world.SHAPES + (NONE,)
+COLOUR_CLASSES = world.COLOURS
+FOLDER = "evaluator"
+
+
+class ShapeClassifier(nn.Module):
+    """(B, 32, 32, 3) images in [0, 1] -> (shape logits (B, S+1), colour logits (B, C))."""
+
+    width: int = 32
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        x = images * 2.0 - 1.0
+        for i, (features, stride) in enumerate([(self.width, 1), (self.width, 2), (2 * self.width, 2),
+                                                (2 * self.width, 2)]):
+            x = nn.gelu(nn.Conv(features, (3, 3), strides=stride, name=f"conv{i}")(x))
+        x = nn.gelu(nn.Dense(4 * self.width, name="hidden")(x.reshape(x.shape[0], -1)))
+        return (nn.Dense(len(SHAPE_CLASSES), name="shape")(x), nn.Dense(len(COLOUR_CLASSES), name="colour")(x))
+
+    def init_params(self, rng: jax.Array) -> dict:
+        return self.init(rng, jnp.zeros((1, world.IMAGE_SIZE, world.IMAGE_SIZE, 3)))["params"]
+
+
+def save(params: dict, folder: Path, width: int) -> None:
+    flat = {".".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
+    convert.write_safetensors(folder / FOLDER / "classifier.safetensors", flat)
+    convert.write_json(folder / FOLDER / "config.json", {"width": width, "shapes": list(SHAPE_CLASSES),
+                                                          "colours": list(COLOUR_CLASSES)})
+
+
+class Judge:
+    """A loaded classifier: ``judge(images_uint8)`` -> (shape names, colour names)."""
+
+    def __init__(self, folder: str | Path):
+        root = Path(folder) / FOLDER
+        if not (root / "classifier.safetensors").is_file():
+            raise UserError(f"{folder}: no shape classifier ({root / 'classifier.safetensors'})")
+        config = json.loads((root / "config.json").read_text())
+        if tuple(config["shapes"]) != SHAPE_CLASSES or tuple(config["colours"]) != COLOUR_CLASSES:
+            raise UserError(f"{root}: classifier classes {config['shapes']}/{config['colours']} differ from the world's")
+        flat = convert.read_safetensors(root / "classifier.safetensors")
+        self.params = traverse_util.unflatten_dict({tuple(k.split(".")): v for k, v in flat.items()})
+        self.model = ShapeClassifier(config["width"])
+        self._predict = jax.jit(lambda p, x: tuple(jnp.argmax(l, -1) for l in self.model.apply({"params": p}, x)))
+
+    def __call__(self, images: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+        shapes, colours = [], []
+        for start in range(0, len(images), batch_size):
+            chunk = np.asarray(images[start:start + batch_size], np.float32) / 255.0
+            s, c = self._predict(self.params, chunk)
+            shapes.append(np.asarray(s))
+            colours.append(np.asarray(c))
+        if not shapes:
+            return np.zeros(0, object), np.zeros(0, object)
+        return (np.asarray(SHAPE_CLASSES, object)[np.concatenate(shapes)],
+                np.asarray(COLOUR_CLASSES, object)[np.concatenate(colours)])

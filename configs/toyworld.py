@@ -1,0 +1,40 @@
+"""The default: erase "circle" from the shipped small-world SD stack, then report what changed.
+
+    coerase erase --out out/toyworld          # references, text stage, Co-Erasing stage, report
+
+The report (``out/toyworld/report.json`` + ``grid.png``) compares the original model, the text
+stage alone (ESD, the text-only baseline) and the full Co-Erasing run on prompts naming circles,
+on paraphrases that never say "circle", and on every other shape.
+"""
+
+from coerase_jax.configuration import base_config
+
+
+def get_config():
+    config = base_config(source="toyworld")
+    config.sample.prompts = ("a red circle", "a blue square", "a green triangle", "a yellow disc")
+    config.sample.steps = 25
+    config.sample.guidance_scale = 3.0
+    config.sample.batch_size = 64
+
+    config.run_dir = "runs/toyworld"
+    config.concept.name = "circle"
+    config.concept.prompts = ("a circle", "a photo of a circle")
+    config.concept.reference_prompts = ("a red circle", "a green circle", "a blue circle", "a yellow circle")
+    config.data.num_references = 32
+    config.data.reference_steps = 25
+    config.data.reference_guidance = 3.0
+    config.data.reference_batch_size = 32
+    config.erase.ddim_steps = 25
+    config.erase.batch_size = 4
+    config.text_stage.subset = config.image_stage.subset = "esd-x"
+    config.text_stage.steps = config.image_stage.steps = 200
+    config.text_stage.learning_rate = config.image_stage.learning_rate = 3e-4
+    config.checkpoint.every = 100
+    config.log.every = 10
+
+    config.report.kind = "toyworld"
+    config.report.images_per_prompt = 16
+    config.report.steps = 25
+    config.report.guidance_scale = 3.0
+    return config
