@@ -47,3 +47,96 @@ def test_every_world_word_is_one_clip_token(tmp_path):
     assert len(tokenizer.tokenize("zebra")) > 1  # other words still tokenize, as bytes
     ids = json.loads((tmp_path / "vocab.json").read_text()).values()
     assert tokenizer.eos_token_id == max(ids) == vocab_size - 1
+
+
+# ---------------------------------------------------------------- the shipped model
+
+@pytest.fixture(scope="module")
+def world_bundle():
+    from coerase_jax.models.bundle import load_bundle
+
+    return load_bundle("toyworld")
+
+
+@pytest.fixture(scope="module")
+def judge():
+    from coerase_jax.models.presets import TOYWORLD_DIR
+    from coerase_jax.toyworld.classifier import Judge
+
+    return Judge(TOYWORLD_DIR)
+
+
+def test_judge_is_right_on_fresh_ground_truth_renders(judge):
+    rng = np.random.default_rng(2024)  # not the training renders' seed
+    scenes = world.random_scenes(rng, 600)
+    shapes, colours = judge(world.render_many(scenes, rng))
+    accuracy = np.mean([(s == sc.shape) and (c == sc.colour) for s, c, sc in zip(shapes, colours, scenes)])
+    assert accuracy >= 0.98
+    empty = np.full((8, 32, 32, 3), world.BACKGROUND, np.uint8)
+    assert list(judge(empty)[0]) == ["none"] * 8
+
+
+def test_shipped_model_draws_the_shape_and_colour_it_is_asked_for(world_bundle, judge):
+    from coerase_jax.diffusion.pipeline import Sampler
+
+    jobs = [(f"a {c} {s}", s, c, 500 + k) for s in world.SHAPES for c in world.COLOURS for k in range(8)]
+    images = Sampler(world_bundle, 25, 3.0, 96)([j[0] for j in jobs], [j[3] for j in jobs], progress=False)
+    shapes, colours = judge(images)
+    right = [(s == j[1]) and (c == j[2]) for s, c, j in zip(shapes, colours, jobs)]
+    assert np.mean(right) >= 0.9
+    for shape in world.SHAPES:  # and no shape is carried by the others
+        assert np.mean([r for r, j in zip(right, jobs) if j[1] == shape]) >= 0.8, shape
+
+
+def test_image_prompts_steer_generation(world_bundle, judge):
+    """IP-Adapter: with an empty text prompt, the image embedding alone decides shape and colour."""
+    from coerase_jax.diffusion.pipeline import Sampler
+
+    rng = np.random.default_rng(7)
+    scenes = [world.Scene(s, c, 9.0, (16.0, 16.0)) for s in world.SHAPES for c in ("red", "blue")] * 4
+    embeds = np.asarray(world_bundle.encode_images(world.render_many(scenes).astype(np.float32) / 255.0))
+    images = Sampler(world_bundle, 25, 3.0, 48)([""] * len(scenes), list(rng.integers(0, 10**6, len(scenes))),
+                                                image_embeds=embeds, progress=False)
+    shapes, colours = judge(images)
+    assert np.mean([(s == sc.shape) and (c == sc.colour) for s, c, sc in zip(shapes, colours, scenes)]) >= 0.7
+
+
+def test_main_job_erases_circles_and_keeps_the_other_shapes(tmp_path, capsys):
+    """`coerase erase --out DIR` on the default config, with shorter stages and fewer images."""
+    from coerase_jax.cli import main
+
+    out = tmp_path / "toyworld"
+    code = main(["erase", "--out", str(out), "--config.text_stage.steps=100", "--config.image_stage.steps=60",
+                 "--config.report.images_per_prompt=6", "--config.data.num_references=16",
+                 "--config.checkpoint.every=1000"])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    original, text_only, co_erasing = (report["methods"][m] for m in ("original", "text_only", "co_erasing"))
+    assert report["concept"] == "circle" and original["images"]["circle"] == 24
+    assert original["erased_rate_named"] >= 0.85 and original["erased_rate_paraphrase"] >= 0.75
+    assert co_erasing["erased_rate_named"] <= 0.3 * original["erased_rate_named"]
+    assert co_erasing["erased_rate_paraphrase"] <= 0.5 * original["erased_rate_paraphrase"]
+    assert co_erasing["other_accuracy"] >= original["other_accuracy"] - 0.15
+    assert text_only["erased_rate_named"] < original["erased_rate_named"]
+    assert (out / "grid.png").is_file() and "co_erasing" in capsys.readouterr().out
+
+
+def test_build_chain_writes_a_loadable_bundle_and_resumes_finished_parts(tmp_path):
+    """A few steps of every part (not a useful model): the chain runs and its output loads like SD."""
+    from coerase_jax.models.bundle import load_bundle
+    from coerase_jax.toyworld.classifier import Judge
+    from coerase_jax.toyworld.train import TrainPlan, build_world_model
+
+    out = build_world_model(tmp_path / "world", TrainPlan.quick(), progress=False)
+    bundle = load_bundle(str(out))
+    assert bundle.image is not None and bundle.latent_shape == (4, 8, 8)
+    assert bundle.text_encoder.config.max_position_embeddings == 16
+    assert Judge(out)(np.zeros((2, 32, 32, 3), np.uint8))[0].shape == (2,)
+    unet_file = out / "unet" / "diffusion_pytorch_model.safetensors"
+    first = unet_file.read_bytes()
+    parts = {p.name: p.stat().st_mtime_ns for p in (out / ".parts").iterdir()}
+    unet_file.unlink()
+    build_world_model(out, TrainPlan.quick(), progress=False)  # every part is reused, none retrained
+    assert {p.name: p.stat().st_mtime_ns for p in (out / ".parts").iterdir()} == parts
+    assert unet_file.read_bytes() == first
+    assert json.loads((out / "build.json").read_text())["plan"]["unet_steps"] == 3

@@ -33,9 +33,10 @@ def prompt_sets(shape: str) -> dict[str, list[tuple[str, str, str]]]:
     """Named, paraphrase and per-shape prompt lists of (prompt, shape it names, colour)."""
     if shape not in world.SHAPES:
         raise UserError(f"the small world has no shape {shape!r} (shapes: {', '.join(world.SHAPES)})")
-    sets = {"paraphrase": [(f"a {c} {p}", shape, c) for c in world.COLOURS for p in world.PARAPHRASES[shape]]}
-    for s in world.SHAPES:
-        sets[s] = [(f"a {c} {world.NAMES[s]}", s, c) for c in world.COLOURS]
+    named = lambda s: [(f"a {c} {world.NAMES[s]}", s, c) for c in world.COLOURS]
+    sets = {shape: named(shape),
+            "paraphrase": [(f"a {c} {p}", shape, c) for c in world.COLOURS for p in world.PARAPHRASES[shape]]}
+    sets.update({s: named(s) for s in world.SHAPES if s != shape})
     return sets
 
 
@@ -95,8 +96,9 @@ def _grid_columns(images: dict[str, np.ndarray], per_prompt: int, shape: str) ->
     rows = []
     for name, prompts in prompt_sets(shape).items():
         for i, (prompt, _, colour) in enumerate(prompts):
-            if name == "paraphrase" and i % len(world.PARAPHRASES[shape]) != world.COLOURS.index(colour) % 3:
-                continue  # one paraphrase per colour keeps the grid readable
+            paraphrase_index = i % len(world.PARAPHRASES[shape])
+            if name == "paraphrase" and paraphrase_index != world.COLOURS.index(colour) % len(world.PARAPHRASES[shape]):
+                continue  # one paraphrase per colour (a different one each) keeps the grid readable
             start = i * per_prompt
             rows.append((prompt, np.concatenate(list(images[name][start:start + GRID_SEEDS]), axis=1)))
     return rows

@@ -19,7 +19,6 @@ finished part; the diffusers-layout folder is assembled at the end.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -40,7 +39,7 @@ from coerase_jax.models import vae as vae_lib
 from coerase_jax.models.clip import CLIPImageEncoder, CLIPTextEncoder, ClipPreprocess, load_tokenizer, tokenize
 from coerase_jax.models.export import export_unet
 from coerase_jax.models.image_proj import ImageProjection
-from coerase_jax.models.unet import UNet, cross_attention_paths, merge_image_kv, split_image_kv, subtree
+from coerase_jax.models.unet import UNet, cross_attention_paths, merge_image_kv, subtree
 from coerase_jax.toyworld import classifier as classifier_lib
 from coerase_jax.toyworld import world
 from coerase_jax.toyworld.tokenizer import write_world_tokenizer
