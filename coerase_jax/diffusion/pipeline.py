@@ -50,7 +50,8 @@ class Sampler:
         return b.decode(latents)
 
     def __call__(self, prompts: Sequence[str], seeds: Sequence[int], *, negative_prompt: str = "",
-                 unet_params=None, image_embeds: np.ndarray | None = None, progress: bool = True) -> np.ndarray:
+                 unet_params=None, image_embeds: np.ndarray | None = None, progress: bool = True,
+                 desc: str = "sampling") -> np.ndarray:
         """Images (N, H, W, 3) uint8 for prompts[i] with seeds[i]; ``image_embeds`` (N, D) adds image tokens."""
         if len(prompts) != len(seeds):
             raise UserError(f"{len(prompts)} prompts but {len(seeds)} seeds")
@@ -68,7 +69,7 @@ class Sampler:
         seeds = np.asarray(seeds, np.uint32)
         out = []
         n, bs = len(prompts), self.batch_size
-        for start in tqdm(range(0, n, bs), desc="sampling", unit="batch", disable=not progress):
+        for start in tqdm(range(0, n, bs), desc=desc, unit="batch", disable=not progress):
             idx = np.arange(start, start + bs) % n  # pad the last batch by wrapping around
             take = lambda a: None if a is None else a[idx]
             images = self._sample(unet_params, b.text_params, ids[idx], uncond_ids[idx], seeds[idx],

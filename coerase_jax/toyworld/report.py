@@ -41,26 +41,24 @@ def prompt_sets(shape: str) -> dict[str, list[tuple[str, str, str]]]:
 
 
 def evaluate(sampler: Sampler, judge: Judge, unet_params, shape: str, images_per_prompt: int, seed: int,
-             progress: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
-    """One model's figures, and its images per prompt set."""
-    figures, images_by_set = {"per_shape": {}, "images": {}}, {}
-    for name, prompts in prompt_sets(shape).items():
-        jobs = [(p, s, c, seed + k) for p, s, c in prompts for k in range(images_per_prompt)]
-        images = sampler([j[0] for j in jobs], [j[3] for j in jobs], unet_params=unet_params, progress=progress)
-        got_shape, got_colour = judge(images)
-        want_shape = np.asarray([j[1] for j in jobs], object)
-        want_colour = np.asarray([j[2] for j in jobs], object)
-        images_by_set[name] = images
-        figures["images"][name] = len(jobs)
-        if name == "paraphrase":
-            figures["erased_rate_paraphrase"] = float(np.mean(got_shape == shape))
-            continue
-        figures["per_shape"][name] = float(np.mean((got_shape == want_shape) & (got_colour == want_colour)))
-        if name == shape:
-            figures["erased_rate_named"] = float(np.mean(got_shape == shape))
-    others = [s for s in world.SHAPES if s != shape]
-    figures["other_accuracy"] = float(np.mean([figures["per_shape"][s] for s in others]))
-    return figures, images_by_set
+             progress: bool = True, name: str = "") -> tuple[dict, dict[str, np.ndarray]]:
+    """One model's figures, and its images per prompt set (all sets sampled in one batched pass)."""
+    sets = prompt_sets(shape)
+    jobs = [(set_name, p, s, c, seed + k) for set_name, prompts in sets.items() for p, s, c in prompts
+            for k in range(images_per_prompt)]
+    images = sampler([j[1] for j in jobs], [j[4] for j in jobs], unet_params=unet_params, progress=progress,
+                     desc=f"judging {name}".strip())
+    got_shape, got_colour = judge(images)
+    set_of = np.asarray([j[0] for j in jobs], object)
+    right = (got_shape == np.asarray([j[2] for j in jobs], object)) & (
+        got_colour == np.asarray([j[3] for j in jobs], object))
+    shows_concept = got_shape == shape
+    figures = {"erased_rate_named": float(np.mean(shows_concept[set_of == shape])),
+               "erased_rate_paraphrase": float(np.mean(shows_concept[set_of == "paraphrase"])),
+               "per_shape": {s: float(np.mean(right[set_of == s])) for s in world.SHAPES},
+               "images": {set_name: int(np.sum(set_of == set_name)) for set_name in sets}}
+    figures["other_accuracy"] = float(np.mean([figures["per_shape"][s] for s in world.SHAPES if s != shape]))
+    return figures, {set_name: images[set_of == set_name] for set_name in sets}
 
 
 def compare(bundle, models: dict[str, dict], shape: str, config_report, out_dir: str | Path,
@@ -73,7 +71,7 @@ def compare(bundle, models: dict[str, dict], shape: str, config_report, out_dir:
     methods, grids = {}, {}
     for name, params in models.items():
         methods[name], images = evaluate(sampler, judge, params, shape, config_report.images_per_prompt,
-                                         config_report.seed, progress)
+                                         config_report.seed, progress, name)
         grids[name] = _grid_columns(images, config_report.images_per_prompt, shape)
     report = {"concept": shape, "methods": methods,
               "settings": {"images_per_prompt": config_report.images_per_prompt, "steps": config_report.steps,
@@ -93,14 +91,14 @@ def _bundle_folder(bundle) -> Path:
 
 def _grid_columns(images: dict[str, np.ndarray], per_prompt: int, shape: str) -> list[tuple[str, np.ndarray]]:
     """Rows of the grid for one model: (label, GRID_SEEDS images side by side)."""
-    rows = []
+    rows, seeds = [], min(GRID_SEEDS, per_prompt)
     for name, prompts in prompt_sets(shape).items():
         for i, (prompt, _, colour) in enumerate(prompts):
             paraphrase_index = i % len(world.PARAPHRASES[shape])
             if name == "paraphrase" and paraphrase_index != world.COLOURS.index(colour) % len(world.PARAPHRASES[shape]):
                 continue  # one paraphrase per colour (a different one each) keeps the grid readable
             start = i * per_prompt
-            rows.append((prompt, np.concatenate(list(images[name][start:start + GRID_SEEDS]), axis=1)))
+            rows.append((prompt, np.concatenate(list(images[name][start:start + seeds]), axis=1)))
     return rows
 
 
