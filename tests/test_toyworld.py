@@ -140,3 +140,41 @@ def test_build_chain_writes_a_loadable_bundle_and_resumes_finished_parts(tmp_pat
     assert {p.name: p.stat().st_mtime_ns for p in (out / ".parts").iterdir()} == parts
     assert unet_file.read_bytes() == first
     assert json.loads((out / "build.json").read_text())["plan"]["unet_steps"] == 3
+
+
+def test_report_figures_are_the_judges_fractions():
+    """evaluate() with a scripted sampler and judge: each figure is the hand-counted fraction."""
+    from coerase_jax.toyworld import report
+
+    class Sampler:  # "draws" a circle for every second paraphrase image, else what the prompt names
+        def __call__(self, prompts, seeds, **kwargs):
+            self.prompts = list(prompts)
+            return np.arange(len(prompts))
+
+    class Judge:
+        def __init__(self, sampler):
+            self.sampler = sampler
+
+        def __call__(self, images):
+            shapes, colours = [], []
+            for i in images:
+                prompt = self.sampler.prompts[i]
+                colour = prompt.split()[1]
+                named = next((s for s in world.SHAPES if world.NAMES[s] in prompt), None)
+                if named is None:  # a paraphrase of circle
+                    named = "circle" if i % 2 else "none"
+                elif named == "square" and colour == "red":
+                    colour = "blue"  # red squares come out blue: wrong colour counts as wrong
+                shapes.append(named)
+                colours.append(colour)
+            return np.asarray(shapes, object), np.asarray(colours, object)
+
+    sampler = Sampler()
+    figures, images = report.evaluate(sampler, Judge(sampler), None, "circle", images_per_prompt=2, seed=0,
+                                      progress=False)
+    assert figures["erased_rate_named"] == 1.0
+    assert figures["erased_rate_paraphrase"] == 0.5
+    assert figures["per_shape"] == {"circle": 1.0, "square": 0.75, "triangle": 1.0}
+    assert figures["other_accuracy"] == 0.875
+    assert figures["images"] == {"circle": 8, "paraphrase": 24, "square": 8, "triangle": 8}
+    assert len(images["paraphrase"]) == 24

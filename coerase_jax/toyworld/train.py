@@ -131,20 +131,25 @@ def make_renders(count: int, seed: int) -> Renders:
 
 
 class CaptionTable:
-    """Every caption of the world, tokenised once, grouped by the (shape, colour) class it names."""
+    """Every caption of the world, tokenised once, with the shape and colour (-1: none) it names."""
 
     def __init__(self, tokenizer, length: int):
         captions = world.all_captions()
         self.texts = [text for text, _, _ in captions]
         self.ids = tokenize(tokenizer, self.texts, length)
-        self.label = np.asarray([world.SHAPES.index(s) * len(world.COLOURS) + world.COLOURS.index(c)
-                                 for _, s, c in captions], np.int32)
-        self.by_label = [np.flatnonzero(self.label == k) for k in range(len(world.SHAPES) * len(world.COLOURS))]
+        self.shape = np.asarray([world.SHAPES.index(s) for _, s, _ in captions], np.int32)
+        self.colour = np.asarray([-1 if c is None else world.COLOURS.index(c) for _, _, c in captions], np.int32)
+        n_colours = len(world.COLOURS)
+        self.coloured = [np.flatnonzero((self.shape * n_colours + self.colour == k) & (self.colour >= 0))
+                         for k in range(len(world.SHAPES) * n_colours)]
+        self.colourless = [np.flatnonzero((self.shape == s) & (self.colour < 0)) for s in range(len(world.SHAPES))]
         self.empty_ids = tokenize(tokenizer, [""], length)[0]
 
     def draw(self, rng: np.random.Generator, labels: np.ndarray) -> np.ndarray:
-        """One random caption index per label."""
-        return np.asarray([rng.choice(self.by_label[k]) for k in labels], np.int32)
+        """One random true caption index per (shape, colour) label; ``COLOURLESS_FRACTION`` omit the colour."""
+        n_colours = len(world.COLOURS)
+        return np.asarray([rng.choice(self.colourless[k // n_colours]) if rng.random() < world.COLOURLESS_FRACTION
+                           else rng.choice(self.coloured[k]) for k in labels], np.int32)
 
 
 def _batch_rng(seed: int, part: str, step: int) -> np.random.Generator:
@@ -192,7 +197,8 @@ def pooled_text(hidden: jax.Array, ids: jax.Array, eos_id: int) -> jax.Array:
 
 def train_clip(renders: Renders, captions: CaptionTable, text_encoder: CLIPTextEncoder,
                image_encoder: CLIPImageEncoder, plan: TrainPlan, progress: bool) -> dict:
-    """Contrastive training; pairs showing the same (shape, colour) all count as matches."""
+    """Contrastive training; every caption true of an image counts as its match (a colourless caption
+    matches that shape in any colour)."""
     rng = jax.random.PRNGKey(plan.seed + 1)
     dim = image_encoder.config.projection_dim
     params = {
@@ -206,14 +212,15 @@ def train_clip(renders: Renders, captions: CaptionTable, text_encoder: CLIPTextE
     eos = text_encoder.config.eos_token_id
 
     def loss_fn(params, batch, key):
-        images, ids, image_label, text_label = batch
+        images, ids, image_shape, image_colour, text_shape, text_colour = batch
         image_embeds = image_encoder.apply({"params": params["vision"]}, preprocess(images))
         hidden = text_encoder.apply({"params": params["text"]}, ids)
         text_embeds = pooled_text(hidden, ids, eos) @ params["text_projection"]["kernel"]
         image_embeds = image_embeds / jnp.linalg.norm(image_embeds, axis=-1, keepdims=True)
         text_embeds = text_embeds / jnp.linalg.norm(text_embeds, axis=-1, keepdims=True)
         logits = jnp.exp(jnp.minimum(params["logit_scale"], math.log(100.0))) * image_embeds @ text_embeds.T
-        match = (image_label[:, None] == text_label[None, :]).astype(jnp.float32)
+        match = ((image_shape[:, None] == text_shape[None, :])
+                 & ((text_colour[None, :] < 0) | (image_colour[:, None] == text_colour[None, :]))).astype(jnp.float32)
         to_text = -jnp.sum(match / match.sum(1, keepdims=True) * jax.nn.log_softmax(logits, axis=1), axis=1)
         to_image = -jnp.sum(match / match.sum(0, keepdims=True) * jax.nn.log_softmax(logits, axis=0), axis=0)
         return 0.5 * (jnp.mean(to_text) + jnp.mean(to_image))
@@ -222,8 +229,8 @@ def train_clip(renders: Renders, captions: CaptionTable, text_encoder: CLIPTextE
         rng = _batch_rng(plan.seed, "clip", step)
         idx = rng.integers(0, len(renders.images), plan.clip_batch)
         caption_idx = captions.draw(rng, renders.label[idx])
-        return (renders.images[idx].astype(np.float32) / 255.0, captions.ids[caption_idx], renders.label[idx],
-                captions.label[caption_idx])
+        return (renders.images[idx].astype(np.float32) / 255.0, captions.ids[caption_idx], renders.shape[idx],
+                renders.colour[idx], captions.shape[caption_idx], captions.colour[caption_idx])
 
     params, _ = fit("clip", loss_fn, params, next_batch, plan.clip_steps, 1e-3, plan.seed + 1, progress)
     return params

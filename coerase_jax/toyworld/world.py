@@ -27,6 +27,10 @@ PARAPHRASES = {
 }
 TEMPLATES = ("a {colour} {noun}", "a picture of a {colour} {noun}", "a photo of a {colour} {noun}",
              "{colour} {noun}")
+# Captions that leave the colour out, so that "a circle" means a circle of any colour (the concept
+# prompt of an erasure names the shape alone).
+COLOURLESS_TEMPLATES = ("a {noun}", "a picture of a {noun}", "a photo of a {noun}")
+COLOURLESS_FRACTION = 0.2
 _SUPERSAMPLE = 4
 
 
@@ -90,14 +94,19 @@ def nouns(shape: str) -> tuple[str, ...]:
 
 
 def caption(shape: str, colour: str, rng: np.random.Generator) -> str:
-    """Half the captions use the shape's name, half one of its paraphrases."""
+    """Half the captions use the shape's name, half one of its paraphrases; a fifth omit the colour."""
     noun = NAMES[shape] if rng.random() < 0.5 else str(rng.choice(PARAPHRASES[shape]))
+    if rng.random() < COLOURLESS_FRACTION:
+        return str(rng.choice(COLOURLESS_TEMPLATES)).format(noun=noun)
     return str(rng.choice(TEMPLATES)).format(colour=colour, noun=noun)
 
 
-def all_captions() -> list[tuple[str, str, str]]:
-    """Every caption the world produces, as (caption, shape, colour)."""
-    return [(t.format(colour=c, noun=n), s, c) for s in SHAPES for c in COLOURS for n in nouns(s) for t in TEMPLATES]
+def all_captions() -> list[tuple[str, str, str | None]]:
+    """Every caption the world produces, as (caption, shape, colour or None when it names none)."""
+    coloured = [(t.format(colour=c, noun=n), s, c) for s in SHAPES for c in COLOURS for n in nouns(s)
+                for t in TEMPLATES]
+    colourless = [(t.format(noun=n), s, None) for s in SHAPES for n in nouns(s) for t in COLOURLESS_TEMPLATES]
+    return coloured + colourless
 
 
 def named_prompts(shape: str) -> list[str]:
