@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from coerase_jax.errors import UserError
 from coerase_jax.models.clip import load_tokenizer
 from coerase_jax.toyworld import world
 from coerase_jax.toyworld.tokenizer import write_world_tokenizer
@@ -140,6 +141,8 @@ def test_build_chain_writes_a_loadable_bundle_and_resumes_finished_parts(tmp_pat
     assert {p.name: p.stat().st_mtime_ns for p in (out / ".parts").iterdir()} == parts
     assert unet_file.read_bytes() == first
     assert json.loads((out / "build.json").read_text())["plan"]["unet_steps"] == 3
+    with pytest.raises(UserError, match="another plan"):  # parts of one plan never leak into another
+        build_world_model(out, TrainPlan(unet_steps=4), progress=False)
 
 
 def test_report_figures_are_the_judges_fractions():

@@ -6,8 +6,9 @@ Order (each part's inputs are the earlier parts' outputs):
 2. VAE: 32x32x3 -> 8x8x4 (reconstruction + a small KL); its scaling factor makes latents unit-std;
 3. CLIP: text and vision towers trained contrastively, an image and a caption matching when they
    show the same (shape, colour);
-4. UNet: epsilon prediction on the cached latents, conditioned on the frozen text tower's hidden
-   states of a random caption of the image (10 % empty captions, for classifier-free guidance);
+4. UNet: epsilon prediction on the cached latents, conditioned on the text tower's hidden states of
+   a random caption of the image (10 % empty captions, for classifier-free guidance); the text
+   tower is fine-tuned with it (see ``train_unet`` for why);
 5. IP-Adapter: image projection + per-layer image K/V on the frozen UNet, conditioned on the
    CLIP image embedding of the same image (half the time without text);
 6. classifier: shape (or none) and colour, on renders and on VAE reconstructions.
@@ -19,6 +20,7 @@ finished part; the diffusers-layout folder is assembled at the end.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import time
@@ -236,27 +238,34 @@ def train_clip(renders: Renders, captions: CaptionTable, text_encoder: CLIPTextE
     return params
 
 
-def train_unet(latents: np.ndarray, labels: np.ndarray, caption_hidden: np.ndarray, empty_hidden: np.ndarray,
+def train_unet(latents: np.ndarray, labels: np.ndarray, text_encoder: CLIPTextEncoder, text_params: dict,
                captions: CaptionTable, schedule: NoiseSchedule, plan: TrainPlan, progress: bool) -> dict:
+    """Returns {"unet": ..., "text": ...}: the text tower is fine-tuned with the UNet.
+
+    SD froze its text encoder; ours cannot be frozen: the contrastive tower's hidden states are
+    dominated by the colour word (mean |difference| "a red circle" vs "a red square" 0.003, vs
+    "a circle" 1.06), and a UNet trained on them frozen drew the same images for "a circle", "a
+    square" and "" — it could not read a shape without a colour word.
+    """
     unet = UNet(presets.WORLD_UNET)
-    params = unet.init_params(jax.random.PRNGKey(plan.seed + 2))
+    params = {"unet": unet.init_params(jax.random.PRNGKey(plan.seed + 2)), "text": text_params}
     alphas = jnp.asarray(schedule.alphas_cumprod)
 
     def loss_fn(params, batch, key):
-        x0, context = batch
+        x0, ids = batch
+        context = text_encoder.apply({"params": params["text"]}, ids)
         k_t, k_noise = jax.random.split(key)
         t = jax.random.randint(k_t, (x0.shape[0],), 0, schedule.num_train_timesteps)
         noise = jax.random.normal(k_noise, x0.shape)
         xt = add_noise(x0, noise, alphas[t][:, None, None, None])
-        return jnp.mean((unet.apply({"params": params}, xt, t, context) - noise) ** 2)
+        return jnp.mean((unet.apply({"params": params["unet"]}, xt, t, context) - noise) ** 2)
 
     def next_batch(step):
         rng = _batch_rng(plan.seed, "unet", step)
         idx = rng.integers(0, len(latents), plan.unet_batch)
-        context = caption_hidden[captions.draw(rng, labels[idx])]
-        drop = rng.random(plan.unet_batch) < plan.uncond_fraction
-        context[drop] = empty_hidden
-        return latents[idx], context
+        ids = captions.ids[captions.draw(rng, labels[idx])]
+        ids[rng.random(plan.unet_batch) < plan.uncond_fraction] = captions.empty_ids
+        return latents[idx], ids
 
     params, _ = fit("unet", loss_fn, params, next_batch, plan.unet_steps, 1e-3, plan.seed + 2, progress)
     return params
@@ -333,11 +342,15 @@ def train_classifier(renders: Renders, reconstructions: np.ndarray, plan: TrainP
 
 
 class Parts:
-    """Finished parts as msgpack files under ``out/.parts``, written atomically."""
+    """Finished parts as msgpack files under ``out/.parts``, written atomically, for one plan only."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, plan: TrainPlan):
         self.root = root / ".parts"
         self.root.mkdir(parents=True, exist_ok=True)
+        recorded, wanted = self.root / "plan.json", json.dumps(dataclasses.asdict(plan), sort_keys=True)
+        if recorded.is_file() and recorded.read_text() != wanted:
+            raise UserError(f"{root} holds parts trained with another plan ({recorded}); use a new --out")
+        recorded.write_text(wanted)
 
     def get(self, name: str, build: Callable[[], object]):
         path = self.root / f"{name}.msgpack"
@@ -354,7 +367,7 @@ def build_world_model(out: str | Path, plan: TrainPlan = TrainPlan(), progress: 
     """Trains every part (resuming finished ones) and writes the diffusers-layout folder ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    parts = Parts(out)
+    parts = Parts(out, plan)
     started = time.perf_counter()
     timings = {}
 
@@ -379,12 +392,12 @@ def build_world_model(out: str | Path, plan: TrainPlan = TrainPlan(), progress: 
     latents = encode_latents(vae, vae_params, renders.images, scale)
 
     clip = timed("clip", lambda: train_clip(renders, captions, text_encoder, image_encoder, plan, progress))
-    encode_text = jax.jit(lambda ids: text_encoder.apply({"params": clip["text"]}, ids))
+    trained = timed("unet", lambda: train_unet(latents, renders.label, text_encoder, clip["text"], captions,
+                                               schedule, plan, progress))
+    unet_params, text_params = trained["unet"], trained["text"]
+    encode_text = jax.jit(lambda ids: text_encoder.apply({"params": text_params}, ids))
     caption_hidden = np.asarray(encode_text(captions.ids))
     empty_hidden = np.asarray(encode_text(captions.empty_ids[None]))[0]
-
-    unet_params = timed("unet", lambda: train_unet(latents, renders.label, caption_hidden, empty_hidden, captions,
-                                                   schedule, plan, progress))
 
     preprocess = ClipPreprocess(size=vision_config.image_size)
     embed = jax.jit(lambda x: image_encoder.apply({"params": clip["vision"]}, preprocess(x)))
@@ -403,7 +416,7 @@ def build_world_model(out: str | Path, plan: TrainPlan = TrainPlan(), progress: 
         Renders(renders.images[:subset], renders.shape[:subset], renders.colour[:subset]), reconstructions, plan,
         progress))
 
-    _write_bundle(out, vae_params, scale, text_config, clip, vision_config, unet_params, ip, classifier)
+    _write_bundle(out, vae_params, scale, text_config, text_params, clip, vision_config, unet_params, ip, classifier)
     convert.write_json(out / "build.json", {"plan": dataclasses.asdict(plan), "seconds_per_part": timings,
                                             "total_seconds": round(time.perf_counter() - started, 1)})
     return out
@@ -414,11 +427,12 @@ def _ip_as_tree(result):
     return proj, {"/".join(p): v for p, v in kv.items()}
 
 
-def _write_bundle(out: Path, vae_params, scale, text_config, clip, vision_config, unet_params, ip, classifier):
+def _write_bundle(out: Path, vae_params, scale, text_config, text_params, clip, vision_config, unet_params, ip,
+                  classifier):
     export_unet(unet_params, presets.WORLD_UNET, out / "unet")
     convert.write_safetensors(out / "vae" / "diffusion_pytorch_model.safetensors", convert.flax_to_torch_state(vae_params))
     convert.write_json(out / "vae" / "config.json", {**presets.WORLD_VAE, "scaling_factor": scale})
-    convert.write_safetensors(out / "text_encoder" / "model.safetensors", convert.flax_to_torch_state(clip["text"]))
+    convert.write_safetensors(out / "text_encoder" / "model.safetensors", convert.flax_to_torch_state(text_params))
     convert.write_json(out / "text_encoder" / "config.json",
                        {**text_config.to_dict(), "architectures": ["CLIPTextModel"]})
     convert.write_safetensors(out / "image_encoder" / "model.safetensors", convert.flax_to_torch_state(clip["vision"]))
@@ -428,9 +442,13 @@ def _write_bundle(out: Path, vae_params, scale, text_config, clip, vision_config
     convert.write_safetensors(out / "ip-adapter_sd15.safetensors",
                               convert.ip_adapter_from_flax(ip["proj"], kv, cross_attention_paths(unet_params)))
     convert.write_json(out / "scheduler" / "scheduler_config.json", presets.SD_SCHEDULER)
-    # CLIP's text projection is not part of CLIPTextModel; evaluation (CLIP score) reads it here.
-    convert.write_safetensors(out / classifier_lib.FOLDER / "clip_text_projection.safetensors",
-                              {"text_projection.weight": np.asarray(clip["text_projection"]["kernel"]).T})
+    # The contrastive CLIP text tower (before its fine-tuning with the UNet) and its projection, which
+    # together with image_encoder/ make a CLIP for evaluation (CLIP score); CLIPTextModelWithProjection keys.
+    convert.write_safetensors(out / classifier_lib.FOLDER / "clip_text" / "model.safetensors",
+                              {**convert.flax_to_torch_state(clip["text"]),
+                               "text_projection.weight": np.asarray(clip["text_projection"]["kernel"]).T})
+    convert.write_json(out / classifier_lib.FOLDER / "clip_text" / "config.json",
+                       {**text_config.to_dict(), "architectures": ["CLIPTextModelWithProjection"]})
     classifier_lib.save(classifier, out, width=32)
     convert.write_json(out / "model_index.json", {"_class_name": "StableDiffusionPipeline", "preset": "toyworld",
                                                   "world": {"shapes": list(world.SHAPES),
