@@ -8,7 +8,7 @@ Order (each part's inputs are the earlier parts' outputs):
    show the same (shape, colour);
 4. UNet: epsilon prediction on the cached latents, conditioned on the text tower's hidden states of
    a random caption of the image (10 % empty captions, for classifier-free guidance); the text
-   tower is fine-tuned with it (see ``train_unet`` for why);
+   tower stays frozen, as in SD (``TrainPlan.finetune_text`` is the option tried against it);
 5. IP-Adapter: image projection + per-layer image K/V on the frozen UNet, conditioned on the
    CLIP image embedding of the same image (half the time without text);
 6. classifier: shape (or none) and colour, on renders and on VAE reconstructions.
@@ -66,6 +66,10 @@ class TrainPlan:
     classifier_steps: int = 600
     classifier_batch: int = 128
     uncond_fraction: float = 0.1
+    # Both off in the shipped model. Tried once (0.2 and True): colourless prompts then steered, but
+    # coloured ones got worse — "a <colour> circle" drew a circle 38 % of the time (shipped: 97 %).
+    colourless_fraction: float = 0.0  # captions without a colour word ("a circle")
+    finetune_text: bool = False  # train the text tower with the UNet (SD froze it)
 
     @classmethod
     def quick(cls) -> "TrainPlan":
@@ -135,7 +139,8 @@ def make_renders(count: int, seed: int) -> Renders:
 class CaptionTable:
     """Every caption of the world, tokenised once, with the shape and colour (-1: none) it names."""
 
-    def __init__(self, tokenizer, length: int):
+    def __init__(self, tokenizer, length: int, colourless_fraction: float = 0.0):
+        self.colourless_fraction = colourless_fraction
         captions = world.all_captions()
         self.texts = [text for text, _, _ in captions]
         self.ids = tokenize(tokenizer, self.texts, length)
@@ -148,9 +153,11 @@ class CaptionTable:
         self.empty_ids = tokenize(tokenizer, [""], length)[0]
 
     def draw(self, rng: np.random.Generator, labels: np.ndarray) -> np.ndarray:
-        """One random true caption index per (shape, colour) label; ``COLOURLESS_FRACTION`` omit the colour."""
+        """One random true caption index per (shape, colour) label; a ``colourless_fraction`` omit the colour."""
+        if not self.colourless_fraction:  # (no extra random draws: the shipped model's stream)
+            return np.asarray([rng.choice(self.coloured[k]) for k in labels], np.int32)
         n_colours = len(world.COLOURS)
-        return np.asarray([rng.choice(self.colourless[k // n_colours]) if rng.random() < world.COLOURLESS_FRACTION
+        return np.asarray([rng.choice(self.colourless[k // n_colours]) if rng.random() < self.colourless_fraction
                            else rng.choice(self.coloured[k]) for k in labels], np.int32)
 
 
@@ -240,20 +247,26 @@ def train_clip(renders: Renders, captions: CaptionTable, text_encoder: CLIPTextE
 
 def train_unet(latents: np.ndarray, labels: np.ndarray, text_encoder: CLIPTextEncoder, text_params: dict,
                captions: CaptionTable, schedule: NoiseSchedule, plan: TrainPlan, progress: bool) -> dict:
-    """Returns {"unet": ..., "text": ...}: the text tower is fine-tuned with the UNet.
+    """Returns {"unet": ..., "text": ...}; the text tower is frozen unless ``plan.finetune_text``.
 
-    SD froze its text encoder; ours cannot be frozen: the contrastive tower's hidden states are
-    dominated by the colour word (mean |difference| "a red circle" vs "a red square" 0.003, vs
-    "a circle" 1.06), and a UNet trained on them frozen drew the same images for "a circle", "a
-    square" and "" — it could not read a shape without a colour word.
+    Why one might fine-tune it: the contrastive tower's hidden states are dominated by the colour
+    word (mean |difference| "a red circle" vs "a red square" 0.003, vs "a circle" 1.06), and with
+    colourless captions in training a UNet on the frozen tower still drew the same images for "a
+    circle", "a square" and "".
     """
     unet = UNet(presets.WORLD_UNET)
-    params = {"unet": unet.init_params(jax.random.PRNGKey(plan.seed + 2)), "text": text_params}
+    params = {"unet": unet.init_params(jax.random.PRNGKey(plan.seed + 2))}
     alphas = jnp.asarray(schedule.alphas_cumprod)
+    encode = lambda text_params, ids: text_encoder.apply({"params": text_params}, ids)
+    if plan.finetune_text:
+        params["text"] = text_params
+    else:  # frozen: every caption's hidden states computed once
+        caption_hidden = np.asarray(jax.jit(encode)(text_params, captions.ids))
+        empty_hidden = np.asarray(jax.jit(encode)(text_params, captions.empty_ids[None]))[0]
 
     def loss_fn(params, batch, key):
-        x0, ids = batch
-        context = text_encoder.apply({"params": params["text"]}, ids)
+        x0, condition = batch
+        context = encode(params["text"], condition) if plan.finetune_text else condition
         k_t, k_noise = jax.random.split(key)
         t = jax.random.randint(k_t, (x0.shape[0],), 0, schedule.num_train_timesteps)
         noise = jax.random.normal(k_noise, x0.shape)
@@ -263,12 +276,18 @@ def train_unet(latents: np.ndarray, labels: np.ndarray, text_encoder: CLIPTextEn
     def next_batch(step):
         rng = _batch_rng(plan.seed, "unet", step)
         idx = rng.integers(0, len(latents), plan.unet_batch)
-        ids = captions.ids[captions.draw(rng, labels[idx])]
-        ids[rng.random(plan.unet_batch) < plan.uncond_fraction] = captions.empty_ids
-        return latents[idx], ids
+        caption_idx = captions.draw(rng, labels[idx])
+        drop = rng.random(plan.unet_batch) < plan.uncond_fraction
+        if plan.finetune_text:
+            ids = captions.ids[caption_idx]
+            ids[drop] = captions.empty_ids
+            return latents[idx], ids
+        context = caption_hidden[caption_idx]
+        context[drop] = empty_hidden
+        return latents[idx], context
 
     params, _ = fit("unet", loss_fn, params, next_batch, plan.unet_steps, 1e-3, plan.seed + 2, progress)
-    return params
+    return {"unet": params["unet"], "text": params.get("text", text_params)}
 
 
 def train_ip_adapter(unet_params: dict, latents: np.ndarray, labels: np.ndarray, image_embeds: np.ndarray,
@@ -383,7 +402,7 @@ def build_world_model(out: str | Path, plan: TrainPlan = TrainPlan(), progress: 
     text_config = presets.world_text_config(vocab_size)
     vision_config = presets.world_vision_config()
     text_encoder, image_encoder = CLIPTextEncoder(text_config), CLIPImageEncoder(vision_config)
-    captions = CaptionTable(tokenizer, text_config.max_position_embeddings)
+    captions = CaptionTable(tokenizer, text_config.max_position_embeddings, plan.colourless_fraction)
     schedule = NoiseSchedule.from_config(presets.SD_SCHEDULER)
 
     vae_part = timed("vae", lambda: dict(zip(("params", "scale"), train_vae(renders, plan, progress))))
@@ -392,9 +411,14 @@ def build_world_model(out: str | Path, plan: TrainPlan = TrainPlan(), progress: 
     latents = encode_latents(vae, vae_params, renders.images, scale)
 
     clip = timed("clip", lambda: train_clip(renders, captions, text_encoder, image_encoder, plan, progress))
-    trained = timed("unet", lambda: train_unet(latents, renders.label, text_encoder, clip["text"], captions,
-                                               schedule, plan, progress))
-    unet_params, text_params = trained["unet"], trained["text"]
+    if plan.finetune_text:
+        trained = timed("unet_and_text", lambda: train_unet(latents, renders.label, text_encoder, clip["text"],
+                                                            captions, schedule, plan, progress))
+        unet_params, text_params = trained["unet"], trained["text"]
+    else:
+        unet_params = timed("unet", lambda: train_unet(latents, renders.label, text_encoder, clip["text"], captions,
+                                                       schedule, plan, progress)["unet"])
+        text_params = clip["text"]
     encode_text = jax.jit(lambda ids: text_encoder.apply({"params": text_params}, ids))
     caption_hidden = np.asarray(encode_text(captions.ids))
     empty_hidden = np.asarray(encode_text(captions.empty_ids[None]))[0]

@@ -27,10 +27,9 @@ PARAPHRASES = {
 }
 TEMPLATES = ("a {colour} {noun}", "a picture of a {colour} {noun}", "a photo of a {colour} {noun}",
              "{colour} {noun}")
-# Captions that leave the colour out, so that "a circle" means a circle of any colour (the concept
-# prompt of an erasure names the shape alone).
+# Captions that leave the colour out ("a circle": a circle of any colour). Training uses them only
+# with TrainPlan.colourless_fraction > 0 (the shipped model was trained without them).
 COLOURLESS_TEMPLATES = ("a {noun}", "a picture of a {noun}", "a photo of a {noun}")
-COLOURLESS_FRACTION = 0.2
 _SUPERSAMPLE = 4
 
 
@@ -91,14 +90,6 @@ def render_many(scenes: list[Scene], rng: np.random.Generator | None = None) -> 
 
 def nouns(shape: str) -> tuple[str, ...]:
     return (NAMES[shape],) + PARAPHRASES[shape]
-
-
-def caption(shape: str, colour: str, rng: np.random.Generator) -> str:
-    """Half the captions use the shape's name, half one of its paraphrases; a fifth omit the colour."""
-    noun = NAMES[shape] if rng.random() < 0.5 else str(rng.choice(PARAPHRASES[shape]))
-    if rng.random() < COLOURLESS_FRACTION:
-        return str(rng.choice(COLOURLESS_TEMPLATES)).format(noun=noun)
-    return str(rng.choice(TEMPLATES)).format(colour=colour, noun=noun)
 
 
 def all_captions() -> list[tuple[str, str, str | None]]:
