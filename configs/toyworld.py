@@ -19,7 +19,9 @@ def get_config():
 
     config.run_dir = "runs/toyworld"
     config.concept.name = "circle"
-    config.concept.prompts = ("a circle", "a photo of a circle")
+    # The shipped model never saw a caption without a colour, so "a circle" alone is not a circle to it
+    # (it draws mostly triangles); the concept prompts name the shape in each colour instead.
+    config.concept.prompts = ("a red circle", "a green circle", "a blue circle", "a yellow circle")
     config.concept.reference_prompts = ("a red circle", "a green circle", "a blue circle", "a yellow circle")
     config.data.num_references = 32
     config.data.reference_steps = 25
@@ -27,9 +29,11 @@ def get_config():
     config.data.reference_batch_size = 32
     config.erase.ddim_steps = 25
     config.erase.batch_size = 4
-    config.text_stage.subset = config.image_stage.subset = "esd-x"
+    # Only the cross-attention K/V: gentler on the other shapes than esd-x, esd-u or larger steps,
+    # which also erase the colour words the concept prompts contain (see the #4 note).
+    config.text_stage.subset = config.image_stage.subset = "esd-x-strict"
     config.text_stage.steps = config.image_stage.steps = 200
-    config.text_stage.learning_rate = config.image_stage.learning_rate = 3e-4
+    config.text_stage.learning_rate = config.image_stage.learning_rate = 3e-5
     config.checkpoint.every = 100
     config.log.every = 10
 
