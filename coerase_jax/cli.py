@@ -55,6 +55,8 @@ def cmd_erase(args, config) -> None:
     from coerase_jax.erase.trainer import run_erasure
     from coerase_jax.models.bundle import load_bundle_from_config
 
+    if config.report.kind not in ("", "toyworld"):
+        raise UserError(f"report.kind must be '' or 'toyworld', got {config.report.kind!r}")
     if args.run_dir or args.out:
         with config.unlocked():
             config.run_dir = args.run_dir or str(Path(args.out) / "run")
@@ -139,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coerase", description="Co-Erasing concept erasure for SD 1.x in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
     sample = sub.add_parser("sample", help="generate images with DDIM + classifier-free guidance")
-    sample.add_argument("--config", default=DEFAULT_CONFIG, help="config file (default: configs/toyworld.py, the small world)")
+    sample.add_argument("--config", default=DEFAULT_CONFIG,
+                        help="config file (default: configs/toyworld.py, the small world)")
     sample.add_argument("--prompt", action="append", help="a prompt (repeatable); overrides sample.prompts")
     sample.add_argument("--out", required=True, help="output folder for PNGs, grid.png and manifest.json")
     erase = sub.add_parser("erase", help="erase a concept (text stage, then the Co-Erasing image stage)")
