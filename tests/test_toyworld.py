@@ -2,6 +2,9 @@
 and the main job — erasing "circle" erases circles (named and paraphrased) while the others hold."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -102,17 +105,20 @@ def test_image_prompts_steer_generation(world_bundle, judge):
     assert np.mean([(s == sc.shape) and (c == sc.colour) for s, c, sc in zip(shapes, colours, scenes)]) >= 0.7
 
 
-def test_main_job_erases_circles_and_keeps_the_other_shapes(tmp_path, capsys):
-    """`coerase erase --out DIR` on the default config, judged on fewer images than the default.
+def test_main_job_erases_circles_and_keeps_the_other_shapes(tmp_path):
+    """`coerase erase --out DIR` on the default config, judged on fewer images than the default, in a
+    process with one CPU device, as README runs it (the tests' 8 simulated devices would not divide
+    the default erase batch of 4).
 
     The bounds are what the shipped model reaches today (see the #4 note), not the issue's targets
     (<= 10 % / 20 % and <= 5 points), which it does not meet yet.
     """
-    from coerase_jax.cli import main
-
     out = tmp_path / "toyworld"
-    code = main(["erase", "--out", str(out), "--config.report.images_per_prompt=6", "--config.checkpoint.every=1000"])
-    assert code == 0
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    done = subprocess.run([sys.executable, "-m", "coerase_jax.cli", "erase", "--out", str(out),
+                           "--config.report.images_per_prompt=6", "--config.checkpoint.every=1000"],
+                          env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
     original, text_only, co_erasing = (report["methods"][m] for m in ("original", "text_only", "co_erasing"))
     assert report["concept"] == "circle" and original["images"] == {"circle": 24, "paraphrase": 72, "square": 24,
@@ -124,7 +130,7 @@ def test_main_job_erases_circles_and_keeps_the_other_shapes(tmp_path, capsys):
     assert co_erasing["erased_rate_named"] < text_only["erased_rate_named"] <= original["erased_rate_named"]
     assert co_erasing["other_accuracy"] >= original["other_accuracy"] - 0.2
     assert text_only["other_accuracy"] >= original["other_accuracy"] - 0.1
-    assert (out / "grid.png").is_file() and "co_erasing" in capsys.readouterr().out
+    assert (out / "grid.png").is_file() and "co_erasing" in done.stdout
 
 
 def test_build_chain_writes_a_loadable_bundle_and_resumes_finished_parts(tmp_path):

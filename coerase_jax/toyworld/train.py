@@ -369,7 +369,8 @@ class Parts:
         recorded, wanted = self.root / "plan.json", json.dumps(dataclasses.asdict(plan), sort_keys=True)
         if recorded.is_file() and recorded.read_text() != wanted:
             raise UserError(f"{root} holds parts trained with another plan ({recorded}); use a new --out")
-        recorded.write_text(wanted)
+        if not recorded.is_file():
+            recorded.write_text(wanted)
 
     def get(self, name: str, build: Callable[[], object]):
         path = self.root / f"{name}.msgpack"
