@@ -24,6 +24,7 @@ def cmd_sample(args, config) -> None:
 
     from coerase_jax.diffusion.pipeline import Sampler, image_grid
     from coerase_jax.models.bundle import load_bundle_from_config
+    from coerase_jax.parallel import distributed
 
     s = config.sample
     prompts = list(args.prompt or s.prompts)
@@ -39,6 +40,8 @@ def cmd_sample(args, config) -> None:
     start = time.perf_counter()
     images = sampler([p for p, _ in jobs], [seed for _, seed in jobs], negative_prompt=s.negative_prompt)
     elapsed = time.perf_counter() - start
+    if not distributed.is_leader():
+        return
     manifest = []
     for i, ((prompt, seed), image) in enumerate(zip(jobs, images)):
         name = f"{i:05d}.png"
@@ -103,10 +106,13 @@ def cmd_export(args, config) -> None:
     from coerase_jax.erase.trainer import final_params
     from coerase_jax.models.bundle import load_bundle_from_config
     from coerase_jax.models.export import export_unet, export_unet_flax
+    from coerase_jax.parallel import distributed
 
     config = config_from_run(args.run)
     bundle = load_bundle_from_config(config.model)
     params = final_params(config, bundle)
+    if not distributed.is_leader():
+        return
     out = Path(args.out) / "unet"
     export_unet(params, bundle.unet_config, out)
     export_unet_flax(params, bundle.unet_config, out)
@@ -198,6 +204,14 @@ def main(argv: list[str] | None = None) -> int:
     quiet_library_warnings()
     try:
         config = load_config(args.config, overrides)
+        from coerase_jax.parallel import distributed
+
+        setup = distributed.initialize()  # before anything touches a device; a no-op on one host
+        if setup != "single":
+            import jax
+
+            print(f"coerase: process {jax.process_index()} of {jax.process_count()} ({setup}), "
+                  f"{jax.local_device_count()} of {jax.device_count()} devices here", flush=True)
         COMMANDS[args.command](args, config)
     except UserError as err:
         print(f"coerase: error: {err}", file=sys.stderr)

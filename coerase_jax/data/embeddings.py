@@ -14,8 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from coerase_jax.data.images import load_folder
+from coerase_jax.data.images import list_images, load_image
 from coerase_jax.models.bundle import Bundle
+from coerase_jax.parallel import distributed
 
 CACHE_NAME = "clip_embeds.npz"
 
@@ -53,19 +54,27 @@ def encode_images(bundle: Bundle, images: list[np.ndarray], batch_size: int = 16
 
 
 def folder_embeddings(bundle: Bundle, folder: str | Path) -> np.ndarray:
-    """Embeddings of every image in ``folder``, from the cache when it is still valid."""
+    """Embeddings of every image in ``folder``, from the cache when it is still valid.
+
+    On several hosts each one reads and encodes only its share of the images; the embeddings are
+    then gathered on every host, and process 0 writes the cache."""
     folder = Path(folder)
-    files, images = load_folder(folder)
+    files = list_images(folder)
     key = f"{_files_key(files)}-{encoder_fingerprint(bundle)}"
     cache = folder / CACHE_NAME
     if cache.is_file():
         with np.load(cache) as data:
             if str(data["key"]) == key:
                 return data["embeds"]
-    embeds = encode_images(bundle, images)
-    tmp = folder / f".{CACHE_NAME}.tmp.npz"
-    np.savez(tmp, embeds=embeds, key=np.asarray(key))
-    tmp.replace(cache)
+    mine = distributed.my_slice(len(files))
+    local = encode_images(bundle, [load_image(path) for path in files[mine]])
+    embeds = distributed.gather_rows(local.reshape((len(local), -1)) if len(local) else
+                                     np.zeros((0, bundle.image.encoder.config.projection_dim), np.float32), len(files))
+    if distributed.is_leader():
+        tmp = folder / f".{CACHE_NAME}.tmp.npz"
+        np.savez(tmp, embeds=embeds, key=np.asarray(key))
+        tmp.replace(cache)
+    distributed.barrier("reference embeddings cached")
     return embeds
 
 

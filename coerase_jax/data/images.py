@@ -33,8 +33,3 @@ def load_image(path: Path) -> np.ndarray:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise UserError(f"cannot read image {path}: {err}") from None
 
-
-def load_folder(folder: str | Path) -> tuple[list[Path], list[np.ndarray]]:
-    """Every image of a folder, validated (all are decoded before anything is used)."""
-    files = list_images(folder)
-    return files, [load_image(p) for p in files]

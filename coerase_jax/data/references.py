@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import jax
 import numpy as np
 from PIL import Image
 
 from coerase_jax.diffusion.pipeline import Sampler
 from coerase_jax.models.bundle import Bundle
+from coerase_jax.parallel import distributed
 
 MANIFEST = "manifest.json"
 
@@ -45,12 +45,12 @@ def generate_references(bundle: Bundle, out_dir: str | Path, prompts: list[str],
         for start in range(0, len(todo), batch_size * 4):  # write as we go, so an interruption keeps work
             chunk = todo[start:start + batch_size * 4]
             images = sampler([j["prompt"] for j in chunk], [j["seed"] for j in chunk], progress=progress)
-            if jax.process_index() != 0:
+            if not distributed.is_leader():
                 continue
             for job, image in zip(chunk, images):
                 tmp = out_dir / f".{job['file']}.tmp.png"
                 Image.fromarray(np.asarray(image)).save(tmp)
                 tmp.replace(out_dir / job["file"])
-    if jax.process_index() == 0:
+    if distributed.is_leader():
         manifest_path.write_text(json.dumps({"settings": settings, "images": jobs}, indent=2))
     return out_dir

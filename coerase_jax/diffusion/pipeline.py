@@ -17,6 +17,7 @@ from coerase_jax.diffusion.sampling import Conditioning, denoise, initial_latent
 from coerase_jax.diffusion.schedule import NoiseSchedule
 from coerase_jax.errors import UserError
 from coerase_jax.models.bundle import Bundle
+from coerase_jax.parallel import distributed
 from coerase_jax.parallel import mesh as mesh_lib
 
 
@@ -31,11 +32,13 @@ class Sampler:
         self.batch_size = int(batch_size)
         if self.batch_size < 1:
             raise UserError(f"batch size must be positive, got {batch_size}")
+        self._data_sharding = None
         if mesh is None:
             self._sample = jax.jit(self._sample_batch)
         else:
             mesh_lib.batch_size_per_replica_check(self.batch_size, mesh)
             rep, data = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
+            self._data_sharding = data
             self._sample = jax.jit(self._sample_batch, in_shardings=(rep, rep, data, data, data, data, data),
                                    out_shardings=data)
 
@@ -59,6 +62,10 @@ class Sampler:
             return np.zeros((0,) + (0, 0, 3), np.uint8)
         b = self.bundle
         unet_params = b.unet_params if unet_params is None else unet_params
+        text_params = b.text_params
+        if self._data_sharding is not None:  # the weights, replicated over the mesh once per call
+            replicated = mesh_lib.replicated(self._data_sharding.mesh)
+            unet_params, text_params = jax.device_put((unet_params, text_params), replicated)
         ids = b.tokenize(list(prompts))
         uncond_ids = np.repeat(b.tokenize([negative_prompt]), len(prompts), axis=0)
         tokens = uncond_tokens = None
@@ -69,12 +76,14 @@ class Sampler:
         seeds = np.asarray(seeds, np.uint32)
         out = []
         n, bs = len(prompts), self.batch_size
-        for start in tqdm(range(0, n, bs), desc=desc, unit="batch", disable=not progress):
+        for start in tqdm(range(0, n, bs), desc=desc, unit="batch", disable=not progress or not distributed.is_leader()):
             idx = np.arange(start, start + bs) % n  # pad the last batch by wrapping around
             take = lambda a: None if a is None else a[idx]
-            images = self._sample(unet_params, b.text_params, ids[idx], uncond_ids[idx], seeds[idx],
-                                  take(tokens), take(uncond_tokens))
-            out.append(np.asarray(images)[: min(bs, n - start)])
+            batch = (ids[idx], uncond_ids[idx], seeds[idx], take(tokens), take(uncond_tokens))
+            if self._data_sharding is not None:  # (on several hosts jit takes no numpy for sharded inputs)
+                batch = jax.device_put(batch, self._data_sharding)
+            images = self._sample(unet_params, text_params, *batch)
+            out.append(distributed.fetch(images)[: min(bs, n - start)])
         return to_uint8(np.concatenate(out))
 
 

@@ -37,6 +37,7 @@ from coerase_jax.erase.method import real_token_mask
 from coerase_jax.erase.step import Batch, StepSettings, TrainState, build_step, jit_step, make_optimizer
 from coerase_jax.errors import UserError
 from coerase_jax.models.bundle import DTYPES, Bundle
+from coerase_jax.parallel import distributed
 from coerase_jax.parallel import mesh as mesh_lib
 
 STAGES = ("text", "image")
@@ -195,7 +196,7 @@ class MetricsLog:
     """metrics.jsonl plus TensorBoard event files; only process 0 writes."""
 
     def __init__(self, folder: Path, stage: str, start_step: int):
-        self.enabled = jax.process_index() == 0
+        self.enabled = distributed.is_leader()
         self.stage = stage
         if self.enabled:
             from tensorboardX import SummaryWriter
@@ -237,11 +238,12 @@ def check_run_dir(run_dir: Path, config) -> None:
                           and k not in RESUMABLE_CHANGES)
             raise UserError(f"{run_dir} holds a run with a different config (sections {diff}); use a new "
                             f"run_dir or the same config to resume it")
-    if jax.process_index() == 0:
+    if distributed.is_leader():
         run_dir.mkdir(parents=True, exist_ok=True)
         tmp = saved.with_name(".config.json.tmp")
         tmp.write_text(json.dumps(current, indent=2, sort_keys=True))
         tmp.replace(saved)
+    distributed.barrier("run directory checked")
 
 
 def cast_tree(tree, dtype):
@@ -299,7 +301,7 @@ def train_stage(stage: Stage, config, bundle: Bundle, start_params: dict, teache
     log = MetricsLog(stage_dir, stage.name, start_step)
     final_loss = None
     bar = tqdm(total=stage.steps, initial=start_step, desc=f"erase[{stage.name}]", unit="it",
-               disable=not progress or jax.process_index() != 0)
+               disable=not progress or not distributed.is_leader())
     try:
         with _Preemption() as preemption:
             for step in range(start_step, stage.steps):
@@ -334,9 +336,10 @@ def train_stage(stage: Stage, config, bundle: Bundle, start_params: dict, teache
         log.close()
         manager.wait_until_finished()
         manager.close()
-    if jax.process_index() == 0:
+    if distributed.is_leader():
         (stage_dir / "done.json").write_text(json.dumps({"steps": stage.steps, "final_loss": final_loss}))
-    return subsets.merge(jax.device_get(state.trainable), jax.device_get(frozen))
+    distributed.barrier(f"stage {stage.name} done")
+    return subsets.merge(distributed.fetch(state.trainable), distributed.fetch(frozen))
 
 
 def load_stage_result(stage: Stage, config, start_params: dict, run_dir: Path) -> dict:
@@ -345,6 +348,9 @@ def load_stage_result(stage: Stage, config, start_params: dict, run_dir: Path) -
     optimizer = optimizer_for(config, stage)
     trainable, frozen = subsets.split(start_params, stage.subset, config.erase.train_image_kv)
     abstract = jax.eval_shape(lambda t: TrainState(jnp.zeros((), jnp.int32), t, optimizer.init(t)), trainable)
+    # Restored whole on every device (on several hosts Orbax needs a sharding to restore into).
+    everywhere = mesh_lib.replicated(mesh_lib.make_mesh({"data": -1}))
+    abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=everywhere), abstract)
     manager = checkpoint_manager(stage_dir, config)
     try:
         state = restore_checkpoint(manager, abstract)
@@ -352,7 +358,7 @@ def load_stage_result(stage: Stage, config, start_params: dict, run_dir: Path) -
         manager.close()
     if state is None or int(state.step) != stage.steps:
         raise UserError(f"{stage_dir} has no finished checkpoint (run `coerase erase` with this config first)")
-    return subsets.merge(jax.device_get(state.trainable), frozen)
+    return subsets.merge(distributed.fetch(state.trainable), frozen)
 
 
 def stage_done(stage: Stage, run_dir: Path) -> bool:
@@ -374,6 +380,7 @@ def reference_embeddings(config, bundle: Bundle, run_dir: Path, progress: bool =
         references.generate_references(bundle, folder, prompts, d.num_references, d.reference_seed,
                                        d.reference_steps, d.reference_guidance, d.reference_batch_size, progress,
                                        mesh if d.reference_batch_size % shards == 0 else None)
+        distributed.barrier("references written")  # (process 0 wrote them; every host reads them next)
     return embeddings.folder_embeddings(bundle, folder)
 
 

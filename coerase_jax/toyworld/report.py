@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 
 from coerase_jax.diffusion.pipeline import Sampler
 from coerase_jax.errors import UserError
+from coerase_jax.parallel import distributed
 from coerase_jax.toyworld import world
 from coerase_jax.toyworld.classifier import Judge
 
@@ -76,10 +77,11 @@ def compare(bundle, models: dict[str, dict], shape: str, config_report, out_dir:
     report = {"concept": shape, "methods": methods,
               "settings": {"images_per_prompt": config_report.images_per_prompt, "steps": config_report.steps,
                            "guidance_scale": config_report.guidance_scale, "seed": config_report.seed}}
-    tmp = out_dir / ".report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(out_dir / "report.json")
-    _grid_image(grids, shape).save(out_dir / "grid.png")
+    if distributed.is_leader():
+        tmp = out_dir / ".report.json.tmp"
+        tmp.write_text(json.dumps(report, indent=2))
+        tmp.replace(out_dir / "report.json")
+        _grid_image(grids, shape).save(out_dir / "grid.png")
     return report
 
 

@@ -4,10 +4,11 @@ Order (each part's inputs are the earlier parts' outputs):
 
 1. renders: N labelled images of the world;
 2. VAE: 32x32x3 -> 8x8x4 (reconstruction + a small KL); its scaling factor makes latents unit-std;
-3. CLIP: text and vision towers trained contrastively, an image and a caption matching when they
-   show the same (shape, colour);
+3. CLIP: text and vision towers trained contrastively on coloured captions, an image and a caption
+   matching when they show the same (shape, colour);
 4. UNet: epsilon prediction on the cached latents, conditioned on the text tower's hidden states of
-   a random caption of the image (10 % empty captions, for classifier-free guidance); the text
+   a random caption of the image — 30 % of them without the colour ("a circle"), so that a concept
+   can be named without a colour — and 10 % empty captions, for classifier-free guidance; the text
    tower stays frozen, as in SD (``TrainPlan.finetune_text`` is the option tried against it);
 5. IP-Adapter: image projection + per-layer image K/V on the frozen UNet, conditioned on the
    CLIP image embedding of the same image (half the time without text);
@@ -66,9 +67,12 @@ class TrainPlan:
     classifier_steps: int = 600
     classifier_batch: int = 128
     uncond_fraction: float = 0.1
-    # Both off in the shipped model. Tried once (0.2 and True): colourless prompts then steered, but
-    # coloured ones got worse — "a <colour> circle" drew a circle 38 % of the time (shipped: 97 %).
-    colourless_fraction: float = 0.0  # captions without a colour word ("a circle")
+    # Captions without a colour word ("a circle") for the UNet and IP-Adapter (the CLIP towers train
+    # on coloured captions only). Without them "a circle" drew mostly triangles, so erasing "circle"
+    # needed coloured concept prompts, and those erased the colours too (see the #4 notes).
+    colourless_fraction: float = 0.3
+    # Off in the shipped model. Tried once with colourless 0.2 at lr 1e-3: "a <colour> circle" then
+    # drew a circle 38 % of the time.
     finetune_text: bool = False  # train the text tower with the UNet (SD froze it)
 
     @classmethod
@@ -154,7 +158,7 @@ class CaptionTable:
 
     def draw(self, rng: np.random.Generator, labels: np.ndarray) -> np.ndarray:
         """One random true caption index per (shape, colour) label; a ``colourless_fraction`` omit the colour."""
-        if not self.colourless_fraction:  # (no extra random draws: the shipped model's stream)
+        if not self.colourless_fraction:  # (no extra random draws: the stream CLIP trains on)
             return np.asarray([rng.choice(self.coloured[k]) for k in labels], np.int32)
         n_colours = len(world.COLOURS)
         return np.asarray([rng.choice(self.colourless[k // n_colours]) if rng.random() < self.colourless_fraction
@@ -403,6 +407,7 @@ def build_world_model(out: str | Path, plan: TrainPlan = TrainPlan(), progress: 
     text_config = presets.world_text_config(vocab_size)
     vision_config = presets.world_vision_config()
     text_encoder, image_encoder = CLIPTextEncoder(text_config), CLIPImageEncoder(vision_config)
+    clip_captions = CaptionTable(tokenizer, text_config.max_position_embeddings)
     captions = CaptionTable(tokenizer, text_config.max_position_embeddings, plan.colourless_fraction)
     schedule = NoiseSchedule.from_config(presets.SD_SCHEDULER)
 
@@ -411,7 +416,7 @@ def build_world_model(out: str | Path, plan: TrainPlan = TrainPlan(), progress: 
     vae = vae_lib.build_vae(presets.WORLD_VAE)
     latents = encode_latents(vae, vae_params, renders.images, scale)
 
-    clip = timed("clip", lambda: train_clip(renders, captions, text_encoder, image_encoder, plan, progress))
+    clip = timed("clip", lambda: train_clip(renders, clip_captions, text_encoder, image_encoder, plan, progress))
     if plan.finetune_text:
         trained = timed("unet_and_text", lambda: train_unet(latents, renders.label, text_encoder, clip["text"],
                                                             captions, schedule, plan, progress))

@@ -1,0 +1,129 @@
+"""Multi-host runs for real: two `coerase erase` processes on this machine joined by
+jax.distributed (local coordinator, 2 CPU devices each) over one 4-device global mesh.
+
+The reference is the same erasure run in this process on 4 of its simulated devices, i.e. the
+same global mesh with one host.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from coerase_jax.configuration import load_config
+from coerase_jax.erase.trainer import final_params, run_erasure
+from coerase_jax.parallel import distributed
+from coerase_jax.parallel.mesh import make_mesh
+
+REPO = Path(__file__).resolve().parent.parent
+STEPS, EVERY = 12, 4
+# SGD, not Adam: Adam turns float reduction-order noise in near-zero gradients into full-size
+# updates (see test_step.py); with SGD the two runs may differ only by rounding.
+OVERRIDES = ["--config.erase.batch_size=4", "--config.erase.stages=('text',)", "--config.erase.ddim_steps=4",
+             f"--config.text_stage.steps={STEPS}", f"--config.checkpoint.every={EVERY}", "--config.log.every=1",
+             "--config.optim.name=sgd", "--config.text_stage.learning_rate=0.05"]
+
+
+def _config(run_dir):
+    return load_config(str(REPO / "configs" / "tiny.py"), OVERRIDES + [f"--config.run_dir={run_dir}"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(run_dir, port: int, heartbeat_s: int = 100) -> list[subprocess.Popen]:
+    procs = []
+    for index in range(2):
+        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+               distributed.ENV_COORDINATOR: f"127.0.0.1:{port}", distributed.ENV_COUNT: "2",
+               distributed.ENV_ID: str(index), distributed.ENV_HEARTBEAT: str(heartbeat_s)}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "coerase_jax.cli", "erase", "--config", str(REPO / "configs" / "tiny.py"),
+             f"--config.run_dir={run_dir}", *OVERRIDES], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True))
+    return procs
+
+
+def _finish(procs, timeout=900) -> list[tuple[int, str]]:
+    out = []
+    for p in procs:
+        text, _ = p.communicate(timeout=timeout)
+        out.append((p.returncode, text))
+    return out
+
+
+def _assert_close(a: dict, b: dict):
+    flat_a, flat_b = jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves(b)
+    assert len(flat_a) == len(flat_b)
+    for (path, x), y in zip(flat_a, flat_b):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-5, err_msg=str(path))
+
+
+@pytest.fixture(scope="module")
+def one_host(tmp_path_factory, tiny_bundle):
+    """(final params, per-step losses) of the run on one process over the same 4-device mesh."""
+    run_dir = tmp_path_factory.mktemp("one_host") / "run"
+    losses = {}
+    params = run_erasure(_config(run_dir), tiny_bundle, progress=False, mesh=make_mesh({"data": 4}, jax.devices()[:4]),
+                         on_step=lambda stage, step, m: losses.__setitem__(step, m["loss"]))
+    return params, losses
+
+
+def _losses(run_dir) -> dict[int, float]:
+    import json
+
+    lines = (Path(run_dir) / "stage_text" / "metrics.jsonl").read_text().splitlines()
+    return {row["step"]: row["loss"] for row in map(json.loads, lines)}
+
+
+def test_two_processes_match_one_process_over_the_same_mesh(tmp_path, tiny_bundle, one_host):
+    run_dir = tmp_path / "run"
+    results = _finish(_start(run_dir, _free_port()))
+    for code, text in results:
+        assert code == 0, text[-3000:]
+    assert "process 0 of 2 (explicit), 2 of 4 devices here" in results[0][1]
+    assert "process 1 of 2" in results[1][1]
+    params, losses = one_host
+    moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in
+                zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(tiny_bundle.unet_params)))
+    assert moved > 1e-3, "the erasure changed nothing: the comparison would be empty"
+    _assert_close(final_params(_config(run_dir), tiny_bundle), params)
+    two = _losses(run_dir)  # written by process 0 only: one line per step, none doubled
+    assert sorted(two) == list(range(1, STEPS + 1))
+    np.testing.assert_allclose([two[s] for s in sorted(two)], [losses[s] for s in sorted(two)], rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_dead_worker_stops_the_job_and_a_restart_resumes_to_the_same_result(tmp_path, tiny_bundle, one_host):
+    run_dir = tmp_path / "run"
+    procs = _start(run_dir, _free_port(), heartbeat_s=5)
+    checkpoint = run_dir / "stage_text" / "checkpoints" / str(EVERY)
+    deadline = time.monotonic() + 600
+    while not checkpoint.is_dir():
+        assert time.monotonic() < deadline and procs[0].poll() is None, "no checkpoint appeared"
+        time.sleep(0.5)
+    procs[1].send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    code, text = _finish(procs[:1], timeout=120)[0]
+    procs[1].wait()
+    assert code != 0, "the surviving process finished the job alone"
+    assert time.monotonic() - killed_at < 60
+    assert "another task died" in text or "unhealthy" in text, text[-3000:]
+    saved = sorted(int(p.name) for p in checkpoint.parent.iterdir() if p.name.isdigit())
+    assert saved and saved[-1] < STEPS
+
+    results = _finish(_start(run_dir, _free_port()))
+    for code, text in results:
+        assert code == 0, text[-3000:]
+    assert f"[text] resuming from step {saved[-1]}" in results[0][1]
+    _assert_close(final_params(_config(run_dir), tiny_bundle), one_host[0])
