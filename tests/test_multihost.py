@@ -127,3 +127,33 @@ def test_a_dead_worker_stops_the_job_and_a_restart_resumes_to_the_same_result(tm
         assert code == 0, text[-3000:]
     assert f"[text] resuming from step {saved[-1]}" in results[0][1]
     _assert_close(final_params(_config(run_dir), tiny_bundle), one_host[0])
+
+
+def test_the_environment_decides_how_hosts_join():
+    assert distributed.detect({}) == "single"
+    assert distributed.detect({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}) == "single"
+    assert distributed.detect({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}) == "slurm"
+    assert distributed.detect({"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"}) == "tpu"
+    assert distributed.detect({"TPU_WORKER_HOSTNAMES": "w0"}) == "single"
+    assert distributed.detect({"COERASE_MULTIHOST": "auto"}) == "auto"
+    explicit = {"COERASE_COORDINATOR": "10.0.0.1:1234", "SLURM_JOB_ID": "7", "SLURM_NTASKS": "4"}
+    assert distributed.detect(explicit) == "explicit"  # the launcher's own variables win
+    assert distributed.initialize({}) == "single"  # nothing to join, nothing done
+
+
+def test_an_incomplete_multi_host_environment_is_a_clear_error():
+    from coerase_jax.errors import UserError
+
+    with pytest.raises(UserError, match="COERASE_NUM_PROCESSES, COERASE_PROCESS_ID not set"):
+        distributed.initialize({"COERASE_COORDINATOR": "127.0.0.1:1"})
+    with pytest.raises(UserError, match="outside 0..1"):
+        distributed.initialize({"COERASE_COORDINATOR": "127.0.0.1:1", "COERASE_NUM_PROCESSES": "2",
+                                "COERASE_PROCESS_ID": "2"})
+
+
+def test_host_slices_cover_every_item_once():
+    assert distributed.my_slice(10) == slice(0, 10)  # one process here: everything
+    shares = [distributed.my_slice(10, 3, i) for i in range(3)]
+    assert shares == [slice(0, 4), slice(4, 8), slice(8, 10)]
+    assert [distributed.my_slice(2, 3, i) for i in range(3)] == [slice(0, 1), slice(1, 2), slice(2, 2)]
+    np.testing.assert_array_equal(distributed.gather_rows(np.arange(6).reshape(3, 2), 3), np.arange(6).reshape(3, 2))

@@ -5,8 +5,9 @@ One program runs on every host (a TPU pod's workers, a SLURM job's nodes, or loc
 
 * explicit: ``COERASE_COORDINATOR`` (host:port of process 0), ``COERASE_NUM_PROCESSES`` and
   ``COERASE_PROCESS_ID`` — what ``launch/local.sh`` and ``launch/slurm.sh`` set;
-* a SLURM job with more than one task, or a TPU VM pod (``TPU_WORKER_HOSTNAMES`` lists more than
-  one worker): JAX's own cluster detection supplies all three;
+* ``COERASE_MULTIHOST=auto`` (what ``launch/tpu_pod.sh`` sets), a SLURM job with more than one
+  task, or ``TPU_WORKER_HOSTNAMES`` listing more than one worker: JAX's own cluster detection
+  supplies all three (a TPU VM pod reads them from its metadata);
 * otherwise a single process, and nothing happens.
 
 ``COERASE_HEARTBEAT_S`` (default 100) is how long the coordinator waits on a silent process before
@@ -23,14 +24,16 @@ from jax.experimental import multihost_utils
 
 from coerase_jax.errors import UserError
 
-ENV_COORDINATOR, ENV_COUNT, ENV_ID, ENV_HEARTBEAT = (
-    "COERASE_COORDINATOR", "COERASE_NUM_PROCESSES", "COERASE_PROCESS_ID", "COERASE_HEARTBEAT_S")
+ENV_COORDINATOR, ENV_COUNT, ENV_ID, ENV_HEARTBEAT, ENV_AUTO = (
+    "COERASE_COORDINATOR", "COERASE_NUM_PROCESSES", "COERASE_PROCESS_ID", "COERASE_HEARTBEAT_S", "COERASE_MULTIHOST")
 
 
 def detect(environ=os.environ) -> str:
-    """Which multi-host set-up the environment describes: "explicit", "slurm", "tpu" or "single"."""
+    """Which multi-host set-up the environment describes: "explicit", "auto", "slurm", "tpu" or "single"."""
     if environ.get(ENV_COORDINATOR) or environ.get(ENV_COUNT):
         return "explicit"
+    if environ.get(ENV_AUTO) == "auto":
+        return "auto"
     if int(environ.get("SLURM_NTASKS", "1") or 1) > 1 and environ.get("SLURM_JOB_ID"):
         return "slurm"
     if len([h for h in environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]) > 1:
@@ -56,7 +59,7 @@ def initialize(environ=os.environ) -> str:
         if not 0 <= index < count:
             raise UserError(f"{ENV_ID}={index} is outside 0..{count - 1}")
         jax.distributed.initialize(environ[ENV_COORDINATOR], count, index, heartbeat_timeout_seconds=heartbeat)
-    else:  # SLURM or TPU pod: JAX reads the coordinator, count and id from the cluster itself
+    else:  # JAX reads the coordinator, count and id from the cluster (TPU metadata, SLURM variables)
         jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat)
     return kind
 
@@ -72,9 +75,10 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def my_slice(count: int) -> slice:
-    """This process's contiguous share of ``count`` items (the last ones may get one fewer)."""
-    n, i = jax.process_count(), jax.process_index()
+def my_slice(count: int, processes: int | None = None, index: int | None = None) -> slice:
+    """This process's contiguous share of ``count`` items (the last ones may get fewer)."""
+    n = jax.process_count() if processes is None else processes
+    i = jax.process_index() if index is None else index
     per = -(-count // n)
     return slice(min(count, i * per), min(count, (i + 1) * per))
 
