@@ -103,7 +103,8 @@ def cmd_refs(args, config) -> None:
 
 def cmd_export(args, config) -> None:
     from coerase_jax.configuration import config_from_run
-    from coerase_jax.erase.trainer import final_params
+    from coerase_jax.erase.lora import export_lora
+    from coerase_jax.erase.trainer import final_lora, final_params
     from coerase_jax.models.bundle import load_bundle_from_config
     from coerase_jax.models.export import export_unet, export_unet_flax
     from coerase_jax.parallel import distributed
@@ -118,6 +119,9 @@ def cmd_export(args, config) -> None:
     export_unet_flax(params, bundle.unet_config, out)
     print(f"wrote {out}/diffusion_pytorch_model.safetensors (diffusers PyTorch layout), "
           f"diffusion_flax_model.msgpack (Flax layout) and config.json")
+    if config.erase.lora_rank:
+        path = export_lora(final_lora(config, bundle), 1.0, args.out)
+        print(f"wrote {path} (diffusers LoRA, PEFT layout: pipeline.load_lora_weights(\"{args.out}\"))")
 
 
 def cmd_bench(args, config) -> None:

@@ -185,6 +185,10 @@ def base_config(source: str) -> ml_collections.ConfigDict:
         "embed_noise_kind": "uniform",  # uniform (the reference) | gaussian
         "image_scale": 1.0,  # s in the decoupled attention
         "train_image_kv": False,  # train IP-Adapter's to_k_ip / to_v_ip too
+        # > 0: train a rank-r LoRA of the subset's attention projections instead of the weights
+        # (exported as diffusers LoRA safetensors by `coerase export`); alpha 0 means alpha = rank.
+        "lora_rank": 0,
+        "lora_alpha": 0.0,
         "teacher_dtype": "float32",  # float32 | bfloat16 (frozen teacher)
         # > 1 departs from the paper (off by default): this many z_t per sampled trajectory, all in
         # the step's loss, so the dominant cost (the z_t loop) is shared by K loss examples.

@@ -15,7 +15,7 @@ the teacher are inputs that are never donated.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import flax
 import jax
@@ -118,8 +118,11 @@ def denoiser(unet: UNet):
 
 
 def build_step(unet: UNet, image_proj: ImageProjection | None, plan: DDIMPlan, settings: StepSettings,
-               optimizer: optax.GradientTransformation, latent_shape: tuple[int, int, int], mesh=None):
+               optimizer: optax.GradientTransformation, latent_shape: tuple[int, int, int], mesh=None,
+               compose: Callable[[dict, dict], dict] = subsets.merge):
     """The pure step: (state, frozen, teacher, proj_params, batch) -> (state, metrics).
+
+    ``compose(trainable, frozen)`` makes the UNet's parameters (a subset merge, or LoRA's W + s·AB).
 
     With a ``mesh``, gradients are constrained to their parameters' shardings, so under FSDP each
     gradient is reduce-scattered as soon as it exists instead of living unsharded until the update."""
@@ -135,7 +138,7 @@ def build_step(unet: UNet, image_proj: ImageProjection | None, plan: DDIMPlan, s
         image_tokens = None
         if s.use_image:
             image_tokens = image_condition(image_proj, proj_params, batch, s, k_embed)
-        sampler_params = subsets.merge(state.trainable, frozen) if s.zt_sampler == "trainee" else teacher
+        sampler_params = compose(state.trainable, frozen) if s.zt_sampler == "trainee" else teacher
         index, z, t = sample_zt(eps, jax.lax.stop_gradient(compute(sampler_params)), k_zt, batch,
                                 image_tokens if s.zt_image_tokens else None, plan, s, latent_shape)
         batch = repeat_batch(batch, s.snapshots_per_trajectory)  # one row per z_t
@@ -146,7 +149,7 @@ def build_step(unet: UNet, image_proj: ImageProjection | None, plan: DDIMPlan, s
         target = method.negative_guidance_target(eps_uncond, eps_cond, s.eta)
 
         def loss_fn(trainable):
-            prediction = eps(compute(subsets.merge(trainable, frozen)), z, t, batch.text, image_tokens,
+            prediction = eps(compute(compose(trainable, frozen)), z, t, batch.text, image_tokens,
                              s.image_scale)
             return method.erasure_loss(prediction, target)
 

@@ -32,9 +32,10 @@ from tqdm.auto import tqdm
 
 from coerase_jax.configuration import to_json
 from coerase_jax.diffusion.schedule import NoiseSchedule
-from coerase_jax.erase import subsets
+from coerase_jax.erase import lora, subsets
 from coerase_jax.erase.method import real_token_mask
 from coerase_jax.erase.step import Batch, StepSettings, TrainState, build_step, jit_step, make_optimizer
+from coerase_jax.erase.trainable import Trainable
 from coerase_jax.errors import UserError
 from coerase_jax.models.bundle import DTYPES, Bundle
 from coerase_jax.parallel import distributed
@@ -52,6 +53,7 @@ class Stage:
     steps: int
     learning_rate: float
     settings: StepSettings
+    trainable: Trainable  # what the stage trains (the subset's weights, or a LoRA of them)
 
 
 def plan_stages(config) -> list[Stage]:
@@ -69,8 +71,12 @@ def plan_stages(config) -> list[Stage]:
             snapshots_per_trajectory=e.snapshots_per_trajectory, seed=e.seed)
         if section.steps < 1:
             raise UserError(f"{name}_stage.steps must be positive")
-        out.append(Stage(name, subsets.resolve(section.subset), int(section.steps), float(section.learning_rate),
-                         settings))
+        if e.lora_rank < 0:
+            raise UserError(f"erase.lora_rank must be 0 (off) or positive, got {e.lora_rank}")
+        subset = subsets.resolve(section.subset)
+        scale = (e.lora_alpha or e.lora_rank) / e.lora_rank if e.lora_rank else 1.0
+        trainable = Trainable(subset, e.train_image_kv, int(e.lora_rank), float(scale), e.seed)
+        out.append(Stage(name, subset, int(section.steps), float(section.learning_rate), settings, trainable))
     return out
 
 
@@ -258,7 +264,7 @@ def train_stage(stage: Stage, config, bundle: Bundle, start_params: dict, teache
     stage_dir = run_dir / f"stage_{stage.name}"
     stage_dir.mkdir(parents=True, exist_ok=True)
     optimizer = optimizer_for(config, stage)
-    trainable, frozen = subsets.split(start_params, stage.subset, config.erase.train_image_kv)
+    trainable, frozen = stage.trainable.split(start_params)
     teacher_dtype = DTYPES.get(config.erase.teacher_dtype)
     if teacher_dtype is None:
         raise UserError(f"erase.teacher_dtype must be one of {sorted(DTYPES)}")
@@ -288,14 +294,14 @@ def train_stage(stage: Stage, config, bundle: Bundle, start_params: dict, teache
         print(f"[{stage.name}] resuming from step {start_step}")
 
     step_fn = build_step(bundle.unet, bundle.image.proj if bundle.image else None, plan, stage.settings,
-                         optimizer, bundle.latent_shape, mesh)
+                         optimizer, bundle.latent_shape, mesh, compose=stage.trainable.compose)
     example = put_batch(sample_batch(data, config.erase.seed, 0, batch_size), mesh)
     jitted = jit_step(step_fn, mesh, abstract_state, frozen, teacher, proj_params, example)
     compile_start = time.perf_counter()
     compiled = jitted.lower(state, frozen, teacher, proj_params, example).compile()
     print(f"[{stage.name}] compiled the step in {time.perf_counter() - compile_start:.1f}s "
           f"({sum(x.size for x in jax.tree_util.tree_leaves(trainable)):,} trainable parameters, "
-          f"subset {stage.subset})")
+          f"subset {stage.subset}{f', LoRA rank {stage.trainable.lora_rank}' if stage.trainable.lora_rank else ''})")
 
     meta = {"seed": config.erase.seed, "stage": stage.name, "data_position": None}
     log = MetricsLog(stage_dir, stage.name, start_step)
@@ -339,14 +345,20 @@ def train_stage(stage: Stage, config, bundle: Bundle, start_params: dict, teache
     if distributed.is_leader():
         (stage_dir / "done.json").write_text(json.dumps({"steps": stage.steps, "final_loss": final_loss}))
     distributed.barrier(f"stage {stage.name} done")
-    return subsets.merge(distributed.fetch(state.trainable), distributed.fetch(frozen))
+    return stage.trainable.compose(distributed.fetch(state.trainable), distributed.fetch(frozen))
 
 
 def load_stage_result(stage: Stage, config, start_params: dict, run_dir: Path) -> dict:
     """The full params a finished stage ended with (from its last checkpoint)."""
+    trainable, frozen = load_stage_trainable(stage, config, start_params, run_dir)
+    return stage.trainable.compose(trainable, frozen)
+
+
+def load_stage_trainable(stage: Stage, config, start_params: dict, run_dir: Path) -> tuple[dict, dict]:
+    """(trained part, frozen part) of a finished stage, from its last checkpoint."""
     stage_dir = run_dir / f"stage_{stage.name}"
     optimizer = optimizer_for(config, stage)
-    trainable, frozen = subsets.split(start_params, stage.subset, config.erase.train_image_kv)
+    trainable, frozen = stage.trainable.split(start_params)
     abstract = jax.eval_shape(lambda t: TrainState(jnp.zeros((), jnp.int32), t, optimizer.init(t)), trainable)
     # Restored whole on every device (on several hosts Orbax needs a sharding to restore into).
     everywhere = mesh_lib.replicated(mesh_lib.make_mesh({"data": -1}))
@@ -358,7 +370,20 @@ def load_stage_result(stage: Stage, config, start_params: dict, run_dir: Path) -
         manager.close()
     if state is None or int(state.step) != stage.steps:
         raise UserError(f"{stage_dir} has no finished checkpoint (run `coerase erase` with this config first)")
-    return subsets.merge(distributed.fetch(state.trainable), frozen)
+    return distributed.fetch(state.trainable), frozen
+
+
+def final_lora(config, bundle: Bundle) -> dict:
+    """The LoRA factors of every stage of a finished LoRA run as one update (scale 1): the stages'
+    updates add up on the same kernels, so their factors concatenate along the rank."""
+    run_dir, params, per_stage = Path(config.run_dir), bundle.unet_params, []
+    for stage in plan_stages(config):
+        if not stage.trainable.lora_rank:
+            raise UserError(f"the {stage.name} stage of {run_dir} did not train a LoRA (erase.lora_rank is 0)")
+        trainable, frozen = load_stage_trainable(stage, config, params, run_dir)
+        per_stage.append(lora.scaled(trainable, stage.trainable.lora_scale))
+        params = stage.trainable.compose(trainable, frozen)
+    return lora.concatenate(per_stage)
 
 
 def stage_done(stage: Stage, run_dir: Path) -> bool:
