@@ -55,3 +55,29 @@ def test_ip_adapter_file_matches_diffusers_torch_ip_adapter(tiny_bundle, tiny_fo
     plain = np.asarray(jax.jit(b.unet_eps)(b.unet_params, x, t, text))
     assert np.abs(got - plain).max() > 1e-3  # the image tokens matter
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_exported_lora_loads_into_diffusers_torch_unet(tiny_bundle, tmp_path):
+    """Our LoRA file through diffusers' own LoRA loader (needs peft) equals W + s·AB in our UNet."""
+    pytest.importorskip("peft", reason="optional: diffusers loads LoRA files through peft")
+    from diffusers import UNet2DConditionModel
+
+    from coerase_jax.erase import lora
+
+    b = tiny_bundle
+    factors = lora.init_lora(b.unet_params, "esd-x", 4, jax.random.PRNGKey(0))
+    factors = {k: {"A": f["A"], "B": 0.05 * jax.random.normal(jax.random.PRNGKey(i), f["B"].shape)}
+               for i, (k, f) in enumerate(factors.items())}
+    path = lora.export_lora(factors, 2.0, tmp_path / "lora")
+    export_unet(b.unet_params, b.unet_config, tmp_path / "unet")
+    torch_unet = UNet2DConditionModel.from_pretrained(tmp_path / "unet").eval()
+    state = {k: torch.from_numpy(np.array(v)) for k, v in convert.read_safetensors(path).items()}
+    torch_unet.load_lora_adapter(state, prefix="unet", adapter_name="erased")
+    x, t, text, _ = _inputs(b)
+    with torch.no_grad():
+        expected = torch_unet(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(text)).sample.numpy()
+    params = lora.apply_lora(b.unet_params, factors, 2.0)
+    got = np.asarray(jax.jit(b.unet_eps)(params, x, t, text))
+    base = np.asarray(jax.jit(b.unet_eps)(b.unet_params, x, t, text))
+    assert np.abs(got - base).max() > 1e-3  # the LoRA does something
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
