@@ -203,7 +203,7 @@ def base_config(source: str) -> ml_collections.ConfigDict:
         "clip_norm": 0.0,  # 0 = no clipping
         "weight_decay": 0.0,
     })
-    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    config.mesh = ml_collections.ConfigDict({"concept": 1, "data": -1, "fsdp": 1, "tensor": 1})
     config.checkpoint = ml_collections.ConfigDict({"every": 100, "keep": 3, "async_save": True})
     config.log = ml_collections.ConfigDict({"every": 1})
     config.report = ml_collections.ConfigDict({

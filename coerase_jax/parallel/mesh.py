@@ -1,6 +1,7 @@
 """The device mesh and how arrays are laid out on it.
 
-Axes: ``data`` (batch), ``fsdp`` (batch, and parameter/optimizer-state shards), ``tensor``
+Axes: ``concept`` (independent erasures trained side by side, see ``erase/batched.py``; 1 for a
+single run), ``data`` (batch), ``fsdp`` (batch, and parameter/optimizer-state shards), ``tensor``
 (parameter output features). A config gives each axis a size, ``-1`` meaning "the devices left".
 
 Parameters are placed by a small rules table: the first rule whose regex matches the
@@ -20,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from coerase_jax.errors import UserError
 
-AXES = ("data", "fsdp", "tensor")
+AXES = ("concept", "data", "fsdp", "tensor")  # outermost first: concept spans hosts, tensor stays inside one
 BATCH_AXES = ("data", "fsdp")
 
 # (regex on the parameter path, rank, mesh axis of each dimension); anything unmatched (biases,
