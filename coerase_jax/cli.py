@@ -72,6 +72,23 @@ def cmd_erase(args, config) -> None:
     print(f"total {time.perf_counter() - start:.0f}s")
 
 
+def cmd_sweep(args, config) -> None:
+    from coerase_jax.erase.sweep import run_sweep
+    from coerase_jax.models.bundle import load_bundle_from_config
+
+    if config.report.kind not in ("", "toyworld"):
+        raise UserError(f"report.kind must be '' or 'toyworld', got {config.report.kind!r}")
+    out = Path(args.out)
+    start = time.perf_counter()
+    bundle = load_bundle_from_config(config.model)
+    judge = None
+    if config.report.kind == "toyworld" and config.sweep.report:
+        judge = lambda cfg, run_dir: report_toyworld(cfg, bundle, run_dir)
+    rows = run_sweep(config, bundle, out, report=judge)
+    print((out / "sweep.md").read_text() if (out / "sweep.md").is_file() else "")
+    print(f"{len(rows)} cells; wrote {out / 'sweep.csv'} and {out / 'sweep.md'} in {time.perf_counter() - start:.0f}s")
+
+
 def report_toyworld(config, bundle, out: Path) -> None:
     """Original vs text stage only (the ESD baseline) vs Co-Erasing, judged by the world's classifier."""
     from coerase_jax.erase.trainer import load_stage_result, plan_stages
@@ -143,8 +160,8 @@ def cmd_toyworld(args, config) -> None:
     print(f"wrote the small world's SD stack to {out} in {time.perf_counter() - start:.0f}s")
 
 
-COMMANDS = {"sample": cmd_sample, "erase": cmd_erase, "refs": cmd_refs, "export": cmd_export, "bench": cmd_bench,
-            "toyworld": cmd_toyworld}
+COMMANDS = {"sample": cmd_sample, "erase": cmd_erase, "sweep": cmd_sweep, "refs": cmd_refs, "export": cmd_export,
+            "bench": cmd_bench, "toyworld": cmd_toyworld}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     erase.add_argument("--run-dir", help="run directory (overrides run_dir); an existing one resumes")
     erase.add_argument("--out", help="output folder: the run (OUT/run) and, for the small world, report.json "
                                      "and grid.png")
+    sweep = sub.add_parser("sweep", help="a grid of erasures (sweep.concepts x sweep.grid), resumable, one table")
+    sweep.add_argument("--config", required=True, help="a sweep config, e.g. configs/sweep_toyworld.py")
+    sweep.add_argument("--out", required=True, help="sweep folder: cells/<cell>/ runs, sweep.csv, sweep.md")
     refs = sub.add_parser("refs", help="generate reference images of the concept with the original model")
     refs.add_argument("--config", default=DEFAULT_CONFIG)
     refs.add_argument("--out", help="output folder (default: run_dir/references)")

@@ -206,6 +206,11 @@ def base_config(source: str) -> ml_collections.ConfigDict:
     config.mesh = ml_collections.ConfigDict({"concept": 1, "data": -1, "fsdp": 1, "tensor": 1})
     config.checkpoint = ml_collections.ConfigDict({"every": 100, "keep": 3, "async_save": True})
     config.log = ml_collections.ConfigDict({"every": 1})
+    config.sweep = ml_collections.ConfigDict({  # `coerase sweep` only (see coerase_jax/erase/sweep.py)
+        "concepts": (),  # ((name, (prompt, ...)), ...)
+        "grid": (),  # (("dotted.config.key", (value, ...)), ...)
+        "report": True,  # judge each finished cell when report.kind names a judge
+    })
     config.report = ml_collections.ConfigDict({
         "kind": "",  # what `erase` reports after training: "" = nothing | toyworld (the small world's judge)
         "images_per_prompt": 16,
