@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from coerase_jax.benchmark import peak_flops
 from coerase_jax.cli import main
 
@@ -9,6 +11,7 @@ SCHEMA = ("device_kind", "num_devices", "mesh", "compile_s", "step_s_median", "i
           "mfu", "peak_memory_bytes", "images_per_s", "compiled_memory")
 
 
+@pytest.mark.slow  # (48 s: a full bench run; the default run keeps the peak table)
 def test_bench_reports_the_documented_schema(tmp_path, capsys):
     out = tmp_path / "bench.json"
     code = main(["bench", "--config", "configs/tiny.py", "--json", str(out), "--config.bench.steps=2",
