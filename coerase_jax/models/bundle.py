@@ -170,6 +170,18 @@ def load_text_encoder(folder: Path, allow_pickle: bool = False) -> tuple[clip_li
     return encoder, convert.torch_state_to_flax(state, _abstract(encoder.init_params), "text_encoder")
 
 
+def load_text_encoder_with_projection(folder: Path) -> tuple[clip_lib.CLIPTextEncoder, dict, jax.Array]:
+    """A ``CLIPTextModelWithProjection`` folder: (encoder, params, projection (hidden, proj_dim))."""
+    config = CLIPTextConfig.from_dict(_read_json(folder / "config.json", "text_encoder"))
+    encoder = clip_lib.CLIPTextEncoder(config)
+    state = dict(convert.read_torch_weights(folder, CLIP_WEIGHTS, "text_encoder", False))
+    projection = state.pop("text_projection.weight", None)
+    if projection is None:
+        raise UserError(f"{folder} has no text_projection.weight (a CLIPTextModelWithProjection is needed)")
+    params = convert.torch_state_to_flax(state, _abstract(encoder.init_params), "text_encoder")
+    return encoder, params, jnp.asarray(np.asarray(projection).T)
+
+
 def load_image_encoder(folder: Path, allow_pickle: bool = False) -> tuple[clip_lib.CLIPImageEncoder, dict]:
     raw = _read_json(folder / "config.json", "image_encoder")
     config = CLIPVisionConfig.from_dict(raw.get("vision_config", raw))

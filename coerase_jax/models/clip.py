@@ -81,6 +81,12 @@ class ClipPreprocess:
         return (images - mean) / std
 
 
+def pooled_output(hidden: jax.Array, ids: jax.Array, eos_id: int) -> jax.Array:
+    """CLIP's pooled text feature: the hidden state at the first end-of-text token."""
+    position = jnp.argmax(ids == eos_id, axis=-1)
+    return hidden[jnp.arange(hidden.shape[0]), position]
+
+
 def tokenize(tokenizer: CLIPTokenizer, prompts: list[str], length: int | None = None) -> np.ndarray:
     """Prompts -> (B, L) int32 ids, padded/truncated to the text encoder's length, as SD does."""
     length = length or tokenizer.model_max_length

@@ -39,7 +39,8 @@ from coerase_jax.diffusion.schedule import NoiseSchedule, add_noise
 from coerase_jax.errors import UserError
 from coerase_jax.models import convert, presets
 from coerase_jax.models import vae as vae_lib
-from coerase_jax.models.clip import CLIPImageEncoder, CLIPTextEncoder, ClipPreprocess, load_tokenizer, tokenize
+from coerase_jax.models.clip import (CLIPImageEncoder, CLIPTextEncoder, ClipPreprocess, load_tokenizer,
+                                     pooled_output, tokenize)
 from coerase_jax.models.export import export_unet
 from coerase_jax.models.image_proj import ImageProjection
 from coerase_jax.models.unet import UNet, cross_attention_paths, merge_image_kv, subtree
@@ -203,12 +204,6 @@ def encode_latents(vae, params, images_uint8: np.ndarray, scale: float, batch: i
                            for i in range(0, len(images_uint8), batch)])
 
 
-def pooled_text(hidden: jax.Array, ids: jax.Array, eos_id: int) -> jax.Array:
-    """CLIP's pooled text feature: the hidden state at the first end-of-text token."""
-    position = jnp.argmax(ids == eos_id, axis=-1)
-    return hidden[jnp.arange(hidden.shape[0]), position]
-
-
 def train_clip(renders: Renders, captions: CaptionTable, text_encoder: CLIPTextEncoder,
                image_encoder: CLIPImageEncoder, plan: TrainPlan, progress: bool) -> dict:
     """Contrastive training; every caption true of an image counts as its match (a colourless caption
@@ -229,7 +224,7 @@ def train_clip(renders: Renders, captions: CaptionTable, text_encoder: CLIPTextE
         images, ids, image_shape, image_colour, text_shape, text_colour = batch
         image_embeds = image_encoder.apply({"params": params["vision"]}, preprocess(images))
         hidden = text_encoder.apply({"params": params["text"]}, ids)
-        text_embeds = pooled_text(hidden, ids, eos) @ params["text_projection"]["kernel"]
+        text_embeds = pooled_output(hidden, ids, eos) @ params["text_projection"]["kernel"]
         image_embeds = image_embeds / jnp.linalg.norm(image_embeds, axis=-1, keepdims=True)
         text_embeds = text_embeds / jnp.linalg.norm(text_embeds, axis=-1, keepdims=True)
         logits = jnp.exp(jnp.minimum(params["logit_scale"], math.log(100.0))) * image_embeds @ text_embeds.T
