@@ -19,19 +19,17 @@ import time
 import jax
 import numpy as np
 
-from coerase_jax.configuration import load_config
+from coerase_jax.configuration import apply_overrides, load_config
+from coerase_jax.diffusion.schedule import NoiseSchedule
 from coerase_jax.erase.batched import batched_step, stack
 from coerase_jax.erase.step import TrainState, build_step
-from coerase_jax.erase.trainer import ConceptData, optimizer_for, plan_stages, sample_batch
+from coerase_jax.erase.trainer import ConceptData, encode_prompts, optimizer_for, plan_stages, sample_batch
 from coerase_jax.models.bundle import load_bundle
-from coerase_jax.diffusion.schedule import NoiseSchedule
 
 
-def _concept_data(bundle, prompts: list[str]) -> ConceptData:
-    encode = jax.jit(bundle.encode_text)
-    states = np.asarray(encode(bundle.text_params, bundle.tokenize(prompts)))
-    uncond = np.asarray(encode(bundle.text_params, bundle.tokenize([""])))[0]
-    return ConceptData(states, uncond, states, np.ones(states.shape[:2], bool), None)
+def _concept_data(bundle, config, prompts: tuple[str, ...]) -> ConceptData:
+    return encode_prompts(bundle, apply_overrides(config.copy_and_resolve_references(),
+                                                  [f"--config.concept.prompts={prompts!r}"]))
 
 
 def measure(concepts: int, steps: int, subset: str, batch_size: int = 1) -> dict:
@@ -45,7 +43,7 @@ def measure(concepts: int, steps: int, subset: str, batch_size: int = 1) -> dict
                       compose=stage.trainable.compose)
     trainable, frozen = stage.trainable.split(bundle.unet_params)
     state = TrainState(np.zeros((), np.int32), trainable, optimizer.init(trainable))
-    data = [_concept_data(bundle, [f"a photo of concept {k}", f"concept number {k}"]) for k in range(concepts)]
+    data = [_concept_data(bundle, config, (f"a photo of concept {k}", f"concept number {k}")) for k in range(concepts)]
     batches = [[sample_batch(d, 0, i, batch_size) for i in range(steps)] for d in data]
     teacher, proj = bundle.unet_params, {}
 

@@ -54,12 +54,16 @@ def cmd_sample(args, config) -> None:
           f"including compilation)")
 
 
+def _check_report_kind(config) -> None:
+    if config.report.kind not in ("", "toyworld"):
+        raise UserError(f"report.kind must be '' or 'toyworld', got {config.report.kind!r}")
+
+
 def cmd_erase(args, config) -> None:
     from coerase_jax.erase.trainer import run_erasure
     from coerase_jax.models.bundle import load_bundle_from_config
 
-    if config.report.kind not in ("", "toyworld"):
-        raise UserError(f"report.kind must be '' or 'toyworld', got {config.report.kind!r}")
+    _check_report_kind(config)
     if args.run_dir or args.out:
         with config.unlocked():
             config.run_dir = args.run_dir or str(Path(args.out) / "run")
@@ -76,8 +80,7 @@ def cmd_sweep(args, config) -> None:
     from coerase_jax.erase.sweep import run_sweep
     from coerase_jax.models.bundle import load_bundle_from_config
 
-    if config.report.kind not in ("", "toyworld"):
-        raise UserError(f"report.kind must be '' or 'toyworld', got {config.report.kind!r}")
+    _check_report_kind(config)
     out = Path(args.out)
     start = time.perf_counter()
     bundle = load_bundle_from_config(config.model)

@@ -66,10 +66,12 @@ def folder_embeddings(bundle: Bundle, folder: str | Path) -> np.ndarray:
         with np.load(cache) as data:
             if str(data["key"]) == key:
                 return data["embeds"]
-    mine = distributed.my_slice(len(files))
-    local = encode_images(bundle, [load_image(path) for path in files[mine]])
-    embeds = distributed.gather_rows(local.reshape((len(local), -1)) if len(local) else
-                                     np.zeros((0, bundle.image.encoder.config.projection_dim), np.float32), len(files))
+    mine = files[distributed.my_slice(len(files))]
+    if mine:
+        local = encode_images(bundle, [load_image(path) for path in mine])
+    else:  # more hosts than images
+        local = np.zeros((0, bundle.image.encoder.config.projection_dim), np.float32)
+    embeds = distributed.gather_rows(local, len(files))
     if distributed.is_leader():
         tmp = folder / f".{CACHE_NAME}.tmp.npz"
         np.savez(tmp, embeds=embeds, key=np.asarray(key))

@@ -163,22 +163,23 @@ def load_vae(folder: Path, allow_pickle: bool = False) -> tuple[Any, dict, float
     return vae, params, vae_lib.scaling_factor(config)
 
 
-def load_text_encoder(folder: Path, allow_pickle: bool = False) -> tuple[clip_lib.CLIPTextEncoder, dict]:
+def _text_encoder(folder: Path, state: dict) -> tuple[clip_lib.CLIPTextEncoder, dict]:
     config = CLIPTextConfig.from_dict(_read_json(folder / "config.json", "text_encoder"))
     encoder = clip_lib.CLIPTextEncoder(config)
-    state = convert.read_torch_weights(folder, CLIP_WEIGHTS, "text_encoder", allow_pickle)
     return encoder, convert.torch_state_to_flax(state, _abstract(encoder.init_params), "text_encoder")
+
+
+def load_text_encoder(folder: Path, allow_pickle: bool = False) -> tuple[clip_lib.CLIPTextEncoder, dict]:
+    return _text_encoder(folder, convert.read_torch_weights(folder, CLIP_WEIGHTS, "text_encoder", allow_pickle))
 
 
 def load_text_encoder_with_projection(folder: Path) -> tuple[clip_lib.CLIPTextEncoder, dict, jax.Array]:
     """A ``CLIPTextModelWithProjection`` folder: (encoder, params, projection (hidden, proj_dim))."""
-    config = CLIPTextConfig.from_dict(_read_json(folder / "config.json", "text_encoder"))
-    encoder = clip_lib.CLIPTextEncoder(config)
     state = dict(convert.read_torch_weights(folder, CLIP_WEIGHTS, "text_encoder", False))
     projection = state.pop("text_projection.weight", None)
     if projection is None:
         raise UserError(f"{folder} has no text_projection.weight (a CLIPTextModelWithProjection is needed)")
-    params = convert.torch_state_to_flax(state, _abstract(encoder.init_params), "text_encoder")
+    encoder, params = _text_encoder(folder, state)
     return encoder, params, jnp.asarray(np.asarray(projection).T)
 
 
