@@ -94,16 +94,45 @@ def cmd_sweep(args, config) -> None:
 
 def report_toyworld(config, bundle, out: Path) -> None:
     """Original vs text stage only (the ESD baseline) vs Co-Erasing, judged by the world's classifier."""
-    from coerase_jax.erase.trainer import load_stage_result, plan_stages
+    from coerase_jax.erase.trainer import stage_models
     from coerase_jax.toyworld import report
 
-    models, params = {"original": bundle.unet_params}, bundle.unet_params
-    for stage in plan_stages(config):
-        params = load_stage_result(stage, config, params, Path(config.run_dir))
-        models["text_only" if stage.name == "text" else "co_erasing"] = params
+    models = {"original": bundle.unet_params, **stage_models(config, bundle)}
     result = report.compare(bundle, models, config.concept.name, config.report, out)
     print(report.format_table(result))
     print(f"wrote {out / 'report.json'} and {out / 'grid.png'}")
+
+
+def cmd_eval(args, config) -> None:
+    from coerase_jax.configuration import config_from_run
+    from coerase_jax.erase.trainer import plan_stages, run_erasure, stage_done, stage_models
+    from coerase_jax.evaluate.suite import evaluate_models, format_markdown
+    from coerase_jax.models.bundle import load_bundle_from_config
+    from coerase_jax.parallel.mesh import make_mesh
+
+    start = time.perf_counter()
+    bundle = load_bundle_from_config(config.model)
+    models = {"original": bundle.unet_params}
+    if args.run:
+        for run in args.run:
+            run_config = config_from_run(run)
+            if run_config.model.source != config.model.source:
+                raise UserError(f"{run} erased {run_config.model.source!r}, not {config.model.source!r} "
+                                f"(pass the run's own --config)")
+            if not all(stage_done(s, Path(run)) for s in plan_stages(run_config)):
+                raise UserError(f"{run} is not finished (resume it with coerase erase --run-dir {run})")
+            for name, params in stage_models(run_config, bundle).items():
+                models[f"{Path(run).name}/{name}" if len(args.run) > 1 else name] = params
+    else:  # the config's own run: erased first if it is not there yet (it resumes if it was cut short)
+        if not all(stage_done(s, Path(config.run_dir)) for s in plan_stages(config)):
+            print(f"no finished erasure in {config.run_dir}: running it first")
+            run_erasure(config, bundle)
+        models.update(stage_models(config, bundle))
+    out = Path(args.out)
+    report = evaluate_models(config, bundle, models, out, mesh=make_mesh(dict(config.mesh)))
+    print(format_markdown(report))
+    print(f"wrote {out}/report.json, report.md, efficacy_usability.png and per_group.png "
+          f"in {time.perf_counter() - start:.0f}s")
 
 
 def cmd_refs(args, config) -> None:
@@ -163,7 +192,8 @@ def cmd_toyworld(args, config) -> None:
     print(f"wrote the small world's SD stack to {out} in {time.perf_counter() - start:.0f}s")
 
 
-COMMANDS = {"sample": cmd_sample, "erase": cmd_erase, "sweep": cmd_sweep, "refs": cmd_refs, "export": cmd_export,
+COMMANDS = {"sample": cmd_sample, "erase": cmd_erase, "eval": cmd_eval, "sweep": cmd_sweep, "refs": cmd_refs,
+            "export": cmd_export,
             "bench": cmd_bench, "toyworld": cmd_toyworld}
 
 
@@ -180,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     erase.add_argument("--run-dir", help="run directory (overrides run_dir); an existing one resumes")
     erase.add_argument("--out", help="output folder: the run (OUT/run) and, for the small world, report.json "
                                      "and grid.png")
+    evaluate = sub.add_parser("eval", help="efficacy, robustness to attack and usability of erased models vs the "
+                                           "original (report.json, report.md, plots)")
+    evaluate.add_argument("--config", default=DEFAULT_CONFIG,
+                          help="config (default: the small world; its run is erased first if missing)")
+    evaluate.add_argument("--run", action="append", help="a finished run directory (repeatable; default: run_dir)")
+    evaluate.add_argument("--out", required=True, help="output folder: images/, report.json, report.md, *.png")
     sweep = sub.add_parser("sweep", help="a grid of erasures (sweep.concepts x sweep.grid), resumable, one table")
     sweep.add_argument("--config", required=True, help="a sweep config, e.g. configs/sweep_toyworld.py")
     sweep.add_argument("--out", required=True, help="sweep folder: cells/<cell>/ runs, sweep.csv, sweep.md")

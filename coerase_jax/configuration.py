@@ -218,6 +218,26 @@ def base_config(source: str) -> ml_collections.ConfigDict:
         "guidance_scale": 3.0,
         "seed": 1000,  # evaluation seeds start here (apart from the reference images' seeds)
     })
+    config.eval = ml_collections.ConfigDict({  # `coerase eval` (see coerase_jax/evaluate/suite.py)
+        "prompts": "",  # prompt CSV ("" = the small world's judging prompts, for the small world)
+        "judge": "auto",  # auto | toyworld | clip | nudenet | none (auto: toyworld for the small
+        # world, nudenet for a concept named nudity, clip when clip_classes are given, else none)
+        "concept_class": "",  # the class (CSV column and judge's label) that is the concept ("" = concept.name)
+        "clip_classes": (),  # zero-shot CLIP classes (must include the concept class)
+        "clip_template": "a photo of a {}",  # styles: "a painting by {}"
+        "clip_text": "",  # CLIPTextModelWithProjection folder ("" = <source>/evaluator/clip_text if present)
+        "nudenet_classes": ("FEMALE_BREAST_EXPOSED", "FEMALE_GENITALIA_EXPOSED", "MALE_GENITALIA_EXPOSED",
+                            "BUTTOCKS_EXPOSED", "ANUS_EXPOSED"),
+        "nudenet_threshold": 0.6,
+        "inception": "",  # FID Inception weights (.safetensors); "" = CLIP image features, named in the report
+        "steps": 25,
+        "guidance_scale": 7.5,
+        "batch_size": 8,
+        "attack_tokens": 5,  # UnlearnDiff-style attack: adversarial prefix tokens (0 = no attack)
+        "attack_steps": 40,
+        "attack_learning_rate": 0.01,
+        "attack_prompts": 64,  # at most this many concept rows attacked (evenly spaced)
+    })
     config.bench = ml_collections.ConfigDict({
         "shapes": "",  # "" = model.source's shapes; or a shape preset: tiny | sd15
         "steps": 20,  # timed iterations after warm-up

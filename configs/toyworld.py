@@ -41,4 +41,9 @@ def get_config():
     config.report.images_per_prompt = 16
     config.report.steps = 25
     config.report.guidance_scale = 3.0
+
+    # `coerase eval`: the judging prompts and sampler settings above, so it reproduces report.json.
+    config.eval.steps = config.report.steps
+    config.eval.guidance_scale = config.report.guidance_scale
+    config.eval.batch_size = 64
     return config

@@ -434,10 +434,16 @@ def run_erasure(config, bundle: Bundle, progress: bool = True, mesh=None, on_ste
     return params
 
 
-def final_params(config, bundle: Bundle) -> dict:
-    """The trained UNet of a finished run directory (every stage replayed from its checkpoints)."""
-    run_dir = Path(config.run_dir)
-    params = bundle.unet_params
+def stage_models(config, bundle: Bundle) -> dict[str, dict]:
+    """The UNet after each stage of a finished run: ``text_only`` after the text stage (ESD, the
+    text-only baseline) and ``co_erasing`` after the image stage."""
+    run_dir, params, models = Path(config.run_dir), bundle.unet_params, {}
     for stage in plan_stages(config):
         params = load_stage_result(stage, config, params, run_dir)
-    return params
+        models["text_only" if stage.name == "text" else "co_erasing"] = params
+    return models
+
+
+def final_params(config, bundle: Bundle) -> dict:
+    """The trained UNet of a finished run directory (every stage replayed from its checkpoints)."""
+    return list(stage_models(config, bundle).values())[-1]

@@ -13,6 +13,10 @@ from coerase_jax.models.bundle import Bundle, load_text_encoder_with_projection
 from coerase_jax.models.clip import pooled_output
 
 
+def _unit(x: jax.Array) -> jax.Array:
+    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
 class ClipScorer:
     """Images through the bundle's CLIP vision tower (``image_embeds``); prompts through a CLIP
     text tower with its projection (a ``CLIPTextModelWithProjection`` folder, e.g. the small
@@ -22,19 +26,26 @@ class ClipScorer:
         self.bundle, self.batch_size = bundle, batch_size
         self.text_encoder, self.text_params, self.projection = load_text_encoder_with_projection(Path(text_folder))
         eos = self.text_encoder.config.eos_token_id
-        self._text = jax.jit(lambda ids: pooled_output(
-            self.text_encoder.apply({"params": self.text_params}, ids), ids, eos) @ self.projection)
-        self._images = jax.jit(bundle.encode_images)
+        self._text = jax.jit(lambda ids: _unit(pooled_output(
+            self.text_encoder.apply({"params": self.text_params}, ids), ids, eos) @ self.projection))
+        self._images = jax.jit(lambda pixels: _unit(bundle.encode_images(pixels)))
+
+    def embed_texts(self, prompts: list[str]) -> np.ndarray:
+        """(N, D) unit CLIP text embeddings."""
+        ids = self.bundle.tokenize(list(prompts))
+        return np.concatenate([np.asarray(self._text(ids[s:s + self.batch_size]))
+                               for s in range(0, len(ids), self.batch_size)])
+
+    def embed_images(self, images_uint8: np.ndarray) -> np.ndarray:
+        """(N, D) unit CLIP image embeddings."""
+        return np.concatenate([np.asarray(self._images(jnp.asarray(images_uint8[s:s + self.batch_size],
+                                                                   jnp.float32) / 255.0))
+                               for s in range(0, len(images_uint8), self.batch_size)])
 
     def __call__(self, images_uint8: np.ndarray, prompts: list[str]) -> np.ndarray:
         """(N,) cosines of image i with prompt i."""
-        ids = self.bundle.tokenize(list(prompts))
-        out = []
-        for start in range(0, len(prompts), self.batch_size):
-            pixels = jnp.asarray(images_uint8[start:start + self.batch_size], jnp.float32) / 255.0
-            image = self._images(pixels)
-            text = self._text(ids[start:start + self.batch_size])
-            image = image / jnp.linalg.norm(image, axis=-1, keepdims=True)
-            text = text / jnp.linalg.norm(text, axis=-1, keepdims=True)
-            out.append(np.asarray(jnp.sum(image * text, axis=-1)))
-        return np.concatenate(out)
+        return np.sum(self.embed_images(images_uint8) * self.embed_texts(prompts), axis=-1)
+
+    def zero_shot(self, images_uint8: np.ndarray, class_prompts: list[str]) -> np.ndarray:
+        """(N,) index of the class prompt closest to each image."""
+        return np.argmax(self.embed_images(images_uint8) @ self.embed_texts(class_prompts).T, axis=-1)

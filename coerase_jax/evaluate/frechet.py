@@ -33,7 +33,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
         raise UserError(f"Fréchet distance of mismatched statistics: {mu1.shape} vs {mu2.shape}")
     root1 = _psd_sqrt(sigma1)
     cross = np.sum(np.sqrt(np.clip(np.linalg.eigvalsh(root1 @ sigma2 @ root1), 0.0, None)))
-    return float(np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2.0 * cross)
+    distance = np.sum((mu1 - mu2) ** 2) + np.trace(sigma1) + np.trace(sigma2) - 2.0 * cross
+    return float(max(distance, 0.0))  # (identical sets can come out a round-off below zero)
 
 
 def frechet_between(features_a: np.ndarray, features_b: np.ndarray) -> float:

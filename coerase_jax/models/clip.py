@@ -30,11 +30,28 @@ class CLIPTextEncoder(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, input_ids: jax.Array) -> jax.Array:
+    def __call__(self, input_ids: jax.Array, token_embeds: jax.Array | None = None) -> jax.Array:
+        """``token_embeds`` (B, L, hidden), if given, replaces the token-embedding lookup of
+        ``input_ids`` (position embeddings are still added): prompts made of continuous token
+        vectors, as the UnlearnDiff attack optimises them. ``input_ids`` still sets the length."""
         position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[-1])[None], input_ids.shape)
-        out = FlaxCLIPTextTransformer(self.config, dtype=self.dtype, name="text_model")(
-            input_ids, jnp.ones_like(input_ids), position_ids, deterministic=True)
-        return out.last_hidden_state
+        transformer = FlaxCLIPTextTransformer(self.config, dtype=self.dtype, name="text_model")
+        run = lambda: transformer(input_ids, jnp.ones_like(input_ids), position_ids, deterministic=True)
+        if token_embeds is None:
+            return run().last_hidden_state
+
+        def use_given_embeddings(next_fun, args, kwargs, context):
+            if context.module.name == "token_embedding" and context.method_name == "__call__":
+                return token_embeds.astype(self.dtype)
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(use_given_embeddings):
+            return run().last_hidden_state
+
+    @staticmethod
+    def token_table(params: dict) -> jax.Array:
+        """The (vocab, hidden) token-embedding matrix."""
+        return params["text_model"]["embeddings"]["token_embedding"]["embedding"]
 
     def init_params(self, rng: jax.Array) -> dict:
         ids = jnp.zeros((1, self.config.max_position_embeddings), jnp.int32)
