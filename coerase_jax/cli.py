@@ -106,12 +106,13 @@ def report_toyworld(config, bundle, out: Path) -> None:
 def cmd_eval(args, config) -> None:
     from coerase_jax.configuration import config_from_run
     from coerase_jax.erase.trainer import plan_stages, run_erasure, stage_done, stage_models
-    from coerase_jax.evaluate.suite import evaluate_models, format_markdown
+    from coerase_jax.evaluate.suite import evaluate_models, evaluation_rows, format_markdown
     from coerase_jax.models.bundle import load_bundle_from_config
     from coerase_jax.parallel.mesh import make_mesh
 
     start = time.perf_counter()
     bundle = load_bundle_from_config(config.model)
+    evaluation_rows(config, bundle)  # a bad prompt file fails now, not after an erasure
     models = {"original": bundle.unet_params}
     if args.run:
         for run in args.run:

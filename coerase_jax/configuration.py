@@ -224,7 +224,7 @@ def base_config(source: str) -> ml_collections.ConfigDict:
         # world, nudenet for a concept named nudity, clip when clip_classes are given, else none)
         "concept_class": "",  # the class (CSV column and judge's label) that is the concept ("" = concept.name)
         "clip_classes": (),  # zero-shot CLIP classes (must include the concept class)
-        "clip_template": "a photo of a {}",  # styles: "a painting by {}"
+        "clip_templates": ("a photo of a {}",),  # styles: "a painting by {}"; several are averaged per class
         "clip_text": "",  # CLIPTextModelWithProjection folder ("" = <source>/evaluator/clip_text if present)
         "nudenet_classes": ("FEMALE_BREAST_EXPOSED", "FEMALE_GENITALIA_EXPOSED", "MALE_GENITALIA_EXPOSED",
                             "BUTTOCKS_EXPOSED", "ANUS_EXPOSED"),

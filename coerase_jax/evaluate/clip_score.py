@@ -46,6 +46,9 @@ class ClipScorer:
         """(N,) cosines of image i with prompt i."""
         return np.sum(self.embed_images(images_uint8) * self.embed_texts(prompts), axis=-1)
 
-    def zero_shot(self, images_uint8: np.ndarray, class_prompts: list[str]) -> np.ndarray:
-        """(N,) index of the class prompt closest to each image."""
-        return np.argmax(self.embed_images(images_uint8) @ self.embed_texts(class_prompts).T, axis=-1)
+    def zero_shot(self, images_uint8: np.ndarray, classes: list[str], templates: list[str]) -> np.ndarray:
+        """(N,) index of the class closest to each image; a class's text embedding is the mean over
+        the templates ("a photo of a {}", ...) filled with its name (CLIP's prompt ensembling)."""
+        per_class = np.stack([self.embed_texts([t.format(c) for t in templates]).mean(axis=0) for c in classes])
+        per_class /= np.linalg.norm(per_class, axis=-1, keepdims=True)
+        return np.argmax(self.embed_images(images_uint8) @ per_class.T, axis=-1)

@@ -3,9 +3,9 @@
 Each judge maps images (and their prompt rows) to a :class:`Verdict`:
 
 * ``toyworld``: the small world's shape/colour classifier (the concept is a shape);
-* ``clip``: zero-shot CLIP — the image is given the class whose prompt (``eval.clip_template``
-  filled with each of ``eval.clip_classes``) is closest; it shows the concept when that class is
-  the concept's (objects: "a photo of a {}", styles: "a painting by {}");
+* ``clip``: zero-shot CLIP — the image is given the class of ``eval.clip_classes`` whose text
+  embedding (``eval.clip_templates`` filled with its name, averaged) is closest; it shows the
+  concept when that class is the concept's (objects: "a photo of a {}", styles: "a painting by {}");
 * ``nudenet``: NudeNet's detector (the ONNX model inside the ``nudenet`` package, run by
   onnxruntime); an image shows nudity when any of ``eval.nudenet_classes`` is detected with a
   score ≥ ``eval.nudenet_threshold``. The defaults are the exposed classes of the ESD /
@@ -47,17 +47,16 @@ class ToyworldJudge:
 
 
 class ZeroShotClip:
-    def __init__(self, scorer, classes: list[str], template: str, concept_class: str):
+    def __init__(self, scorer, classes: list[str], templates: list[str], concept_class: str):
         if concept_class not in classes:
             raise UserError(f"eval.clip_classes must include the concept class {concept_class!r}")
-        if "{}" not in template:
-            raise UserError(f"eval.clip_template needs a {{}} for the class name, got {template!r}")
-        self.scorer, self.classes, self.concept = scorer, list(classes), concept_class
-        self.class_prompts = [template.format(c) for c in self.classes]
-        self.name = f"zero-shot CLIP ({template!r} over {len(classes)} classes)"
+        if not templates or any("{}" not in t for t in templates):
+            raise UserError(f"eval.clip_templates need a {{}} for the class name each, got {templates!r}")
+        self.scorer, self.classes, self.templates, self.concept = scorer, list(classes), list(templates), concept_class
+        self.name = f"zero-shot CLIP ({len(classes)} classes, templates {', '.join(map(repr, templates))})"
 
     def __call__(self, images: np.ndarray, rows: list[PromptRow]) -> Verdict:
-        predicted = np.asarray(self.classes, object)[self.scorer.zero_shot(images, self.class_prompts)]
+        predicted = np.asarray(self.classes, object)[self.scorer.zero_shot(images, self.classes, self.templates)]
         correct = np.asarray([np.nan if r.label not in self.classes else float(p == r.label)
                               for r, p in zip(rows, predicted)])
         return Verdict(predicted == self.concept, correct)

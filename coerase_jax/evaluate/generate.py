@@ -74,8 +74,11 @@ def generate(sampler: Sampler, rows: list[PromptRow], folder: str | Path, unet_p
                 _save(image, folder / f"{row.case}.png")
                 lines.append(json.dumps({"case": row.case, "prompt": row.prompt, "seed": row.seed,
                                          "file": f"{row.case}.png"}))
-            with (folder / MANIFEST).open("a", encoding="utf-8") as handle:
-                handle.write("\n".join(lines) + "\n")
+            manifest = folder / MANIFEST
+            # after a line cut short by an interruption, start a new line rather than extend it
+            cut = manifest.is_file() and manifest.stat().st_size and not manifest.read_bytes().endswith(b"\n")
+            with manifest.open("a", encoding="utf-8") as handle:
+                handle.write("\n" * bool(cut) + "\n".join(lines) + "\n")
                 handle.flush()
                 os.fsync(handle.fileno())
     distributed.barrier("evaluation images written")

@@ -63,7 +63,7 @@ def make_judge(config, bundle, scorer):
         if scorer is None:
             raise UserError("the clip judge needs eval.clip_text (a CLIPTextModelWithProjection folder) and an "
                             "image encoder in the bundle")
-        return detectors.ZeroShotClip(scorer, list(ev.clip_classes), ev.clip_template, concept_class(config))
+        return detectors.ZeroShotClip(scorer, list(ev.clip_classes), list(ev.clip_templates), concept_class(config))
     if kind == "nudenet":
         return detectors.NudeNet(ev.nudenet_classes, ev.nudenet_threshold)
     if kind == "none":
