@@ -15,6 +15,8 @@ Each judge maps images (and their prompt rows) to a :class:`Verdict`:
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
+
 import numpy as np
 
 from coerase_jax.errors import UserError
