@@ -17,6 +17,7 @@ from typing import Sequence
 import ml_collections
 
 from coerase_jax.errors import UserError
+from coerase_jax.evaluate.detectors import NUDENET_CLASSES, NUDENET_THRESHOLD
 
 OVERRIDE_PREFIX = "--config."
 
@@ -226,9 +227,8 @@ def base_config(source: str) -> ml_collections.ConfigDict:
         "clip_classes": (),  # zero-shot CLIP classes (must include the concept class)
         "clip_templates": ("a photo of a {}",),  # styles: "a painting by {}"; several are averaged per class
         "clip_text": "",  # CLIPTextModelWithProjection folder ("" = <source>/evaluator/clip_text if present)
-        "nudenet_classes": ("FEMALE_BREAST_EXPOSED", "FEMALE_GENITALIA_EXPOSED", "MALE_GENITALIA_EXPOSED",
-                            "BUTTOCKS_EXPOSED", "ANUS_EXPOSED"),
-        "nudenet_threshold": 0.6,
+        "nudenet_classes": NUDENET_CLASSES,  # NudeNet labels that count as nudity
+        "nudenet_threshold": NUDENET_THRESHOLD,
         "inception": "",  # FID Inception weights (.safetensors); "" = CLIP image features, named in the report
         "steps": 25,
         "guidance_scale": 7.5,
