@@ -32,3 +32,13 @@ def test_badly_typed_override_is_a_one_line_error(tmp_path, capsys):
     code = main(["sample", "--out", str(tmp_path), "--config.sample.steps=many"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "--config.sample.steps" in err and "int" in err
+
+
+def test_eval_without_a_prompt_file_or_with_an_unfinished_run_is_a_one_line_error(tmp_path, capsys):
+    code = main(["eval", "--config", "configs/tiny.py", "--out", str(tmp_path / "e")])
+    assert code == 2 and "eval.prompts is not set" in capsys.readouterr().err
+    csv = tmp_path / "p.csv"
+    csv.write_text("case_number,prompt,evaluation_seed\n0,a cat,1\n")
+    code = main(["eval", "--config", "configs/tiny.py", "--run", str(tmp_path / "nothing"), "--out",
+                 str(tmp_path / "e"), f"--config.eval.prompts={csv}"])
+    assert code == 2 and "not a run directory" in capsys.readouterr().err
