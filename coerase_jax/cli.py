@@ -98,6 +98,11 @@ def report_toyworld(config, bundle, out: Path) -> None:
     from coerase_jax.toyworld import report
 
     models = {"original": bundle.unet_params, **stage_models(config, bundle)}
+    if config.concept.joint:
+        result = report.compare_joint(bundle, models, [name for name, _ in config.concept.joint], config.report, out)
+        print(report.format_joint_table(result))
+        print(f"wrote {out / 'report.json'}")
+        return
     result = report.compare(bundle, models, config.concept.name, config.report, out)
     print(report.format_table(result))
     print(f"wrote {out / 'report.json'} and {out / 'grid.png'}")

@@ -155,6 +155,10 @@ def base_config(source: str) -> ml_collections.ConfigDict:
         "prompts": ("a photo of a cat",),  # sampled per step
         "guide_prompt": "",  # text guiding the refinement ("" = each step's concept prompt)
         "reference_prompts": (),  # prompts for generating reference images ("" = the concept prompts)
+        # Joint erasure: ((name, (prompt, ...)), ...) erased together into one model (replaces
+        # name/prompts/reference_prompts); each concept's prompts also make its reference images.
+        "joint": (),
+        "joint_sampling": "per_example",  # per_example: each example draws a concept | per_step: one per step
     })
     config.data = ml_collections.ConfigDict({
         "image_dir": "",  # a folder of reference images ("" = generate them into run_dir/references)

@@ -98,10 +98,33 @@ class ConceptData:
     guide_states: np.ndarray  # (P, L, D) refinement guide per prompt
     guide_masks: np.ndarray  # (P, L)
     image_embeds: np.ndarray | None  # (N, E)
+    # Joint erasure of K concepts: which concept each prompt / image belongs to (None: one concept).
+    prompt_concept: np.ndarray | None = None  # (P,)
+    image_concept: np.ndarray | None = None  # (N,)
+    one_concept_per_step: bool = False  # else every example of a batch draws its own concept
+
+
+def joint_concepts(config) -> list[tuple[str, tuple[str, ...]]]:
+    """``concept.joint`` as [(name, prompts)], checked; [] when the run erases one concept."""
+    entries = list(config.concept.joint)
+    out = []
+    for entry in entries:
+        if (len(entry) != 2 or not isinstance(entry[0], str) or not entry[0] or isinstance(entry[1], str)
+                or not entry[1] or not all(isinstance(p, str) and p for p in entry[1])):
+            raise UserError(f"concept.joint entries must be (name, (prompt, ...)), got {entry!r}")
+        if "/" in entry[0] or entry[0].startswith("."):
+            raise UserError(f"concept.joint name {entry[0]!r} must be a plain folder name")
+        out.append((entry[0], tuple(entry[1])))
+    if len({name for name, _ in out}) != len(out):
+        raise UserError("concept.joint names repeat")
+    if config.concept.joint_sampling not in ("per_example", "per_step"):
+        raise UserError(f"concept.joint_sampling must be per_example or per_step, got {config.concept.joint_sampling!r}")
+    return out
 
 
 def encode_prompts(bundle: Bundle, config) -> ConceptData:
-    prompts = list(config.concept.prompts)
+    joint = joint_concepts(config)
+    prompts = [p for _, ps in joint for p in ps] if joint else list(config.concept.prompts)
     if not prompts:
         raise UserError("concept.prompts is empty")
     guide = config.concept.guide_prompt
@@ -115,16 +138,31 @@ def encode_prompts(bundle: Bundle, config) -> ConceptData:
         masks = np.asarray(real_token_mask(jnp.asarray(guide_ids), bundle.tokenizer.eos_token_id))
     else:
         masks = np.ones(guide_ids.shape, bool)
-    return ConceptData(states, uncond, guide_states, masks, None)
+    data = ConceptData(states, uncond, guide_states, masks, None)
+    if joint:
+        data.prompt_concept = np.asarray([k for k, (_, ps) in enumerate(joint) for _ in ps])
+        data.one_concept_per_step = config.concept.joint_sampling == "per_step"
+    return data
 
 
 def sample_batch(data: ConceptData, seed: int, step: int, batch_size: int) -> Batch:
-    """The step's examples: prompt and image indices drawn from (seed, step) alone."""
+    """The step's examples: prompt and image indices drawn from (seed, step) alone. In a joint
+    erasure each example first draws a concept (or the step does), then a prompt and a reference
+    image of that same concept."""
     rng = np.random.default_rng([seed, step])
-    p = rng.integers(0, len(data.prompt_states), batch_size)
-    images = None
-    if data.image_embeds is not None:
-        images = data.image_embeds[rng.integers(0, len(data.image_embeds), batch_size)]
+    if data.prompt_concept is None:
+        p = rng.integers(0, len(data.prompt_states), batch_size)
+        images = None
+        if data.image_embeds is not None:
+            images = data.image_embeds[rng.integers(0, len(data.image_embeds), batch_size)]
+    else:
+        count = int(data.prompt_concept.max()) + 1
+        concepts = (np.full(batch_size, rng.integers(0, count)) if data.one_concept_per_step
+                    else rng.integers(0, count, batch_size))
+        p = np.asarray([rng.choice(np.flatnonzero(data.prompt_concept == k)) for k in concepts])
+        images = None
+        if data.image_embeds is not None:
+            images = data.image_embeds[[rng.choice(np.flatnonzero(data.image_concept == k)) for k in concepts]]
     return Batch(data.prompt_states[p], np.broadcast_to(data.uncond_states, data.prompt_states[p].shape),
                  data.guide_states[p], data.guide_masks[p], images)
 
@@ -409,6 +447,30 @@ def reference_embeddings(config, bundle: Bundle, run_dir: Path, progress: bool =
     return embeddings.folder_embeddings(bundle, folder)
 
 
+def joint_reference_embeddings(config, bundle: Bundle, run_dir: Path, progress: bool = True,
+                               mesh=None) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings, concept index of each) for a joint erasure: one folder per concept, either
+    ``data.image_dir/<name>/`` or generated from the concept's prompts into ``references/<name>/``."""
+    from coerase_jax.data import embeddings, references
+
+    d = config.data
+    if d.contrastive_dir:
+        raise UserError("a joint erasure takes reference images per concept (data.image_dir/<name>/ or generated), "
+                        "not data.contrastive_dir")
+    parts = []
+    for k, (name, prompts) in enumerate(joint_concepts(config)):
+        folder = Path(d.image_dir) / name if d.image_dir else run_dir / "references" / name
+        if not d.image_dir:
+            shards = mesh.shape["data"] * mesh.shape["fsdp"] if mesh is not None else 1
+            references.generate_references(bundle, folder, list(prompts), d.num_references,
+                                           d.reference_seed + k * d.num_references, d.reference_steps,
+                                           d.reference_guidance, d.reference_batch_size, progress,
+                                           mesh if d.reference_batch_size % shards == 0 else None)
+            distributed.barrier(f"references of {name} written")
+        parts.append(embeddings.folder_embeddings(bundle, folder))
+    return np.concatenate(parts), np.concatenate([np.full(len(e), k) for k, e in enumerate(parts)])
+
+
 def run_erasure(config, bundle: Bundle, progress: bool = True, mesh=None, on_step=None) -> dict:
     """All stages of the config, in order, each resuming where it stopped. Returns the final params."""
     if not config.run_dir:
@@ -421,7 +483,11 @@ def run_erasure(config, bundle: Bundle, progress: bool = True, mesh=None, on_ste
     if any(s.settings.use_image for s in stages) and not all(stage_done(s, run_dir) for s in stages):
         if bundle.image is None:
             raise UserError("the image stage needs an image encoder and an IP-Adapter in the model bundle")
-        data.image_embeds = reference_embeddings(config, bundle, run_dir, progress, mesh)
+        if data.prompt_concept is not None:
+            data.image_embeds, data.image_concept = joint_reference_embeddings(config, bundle, run_dir, progress,
+                                                                               mesh)
+        else:
+            data.image_embeds = reference_embeddings(config, bundle, run_dir, progress, mesh)
     params, teacher = bundle.unet_params, bundle.unet_params
     for stage in stages:
         if stage_done(stage, run_dir):

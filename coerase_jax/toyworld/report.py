@@ -85,6 +85,49 @@ def compare(bundle, models: dict[str, dict], shape: str, config_report, out_dir:
     return report
 
 
+def compare_joint(bundle, models: dict[str, dict], shapes: list[str], config_report, out_dir: str | Path,
+                  progress: bool = True) -> dict:
+    """A joint erasure of several shapes: for each erased shape its named/paraphrase rates, and the
+    accuracy on every shape that was not erased; writes ``report.json``."""
+    out_dir = Path(out_dir)
+    judge = Judge(_bundle_folder(bundle))
+    sampler = Sampler(bundle, config_report.steps, config_report.guidance_scale, batch_size=64)
+    remaining = [s for s in world.SHAPES if s not in shapes]
+    methods = {}
+    for name, params in models.items():
+        per_concept = {}
+        for shape in shapes:
+            figures, _ = evaluate(sampler, judge, params, shape, config_report.images_per_prompt, config_report.seed,
+                                  progress, f"{name} ({shape})")
+            per_concept[shape] = {k: figures[k] for k in ("erased_rate_named", "erased_rate_paraphrase")}
+        methods[name] = {"per_concept": per_concept, "remaining": {s: figures["per_shape"][s] for s in remaining},
+                         "remaining_accuracy": (float(np.mean([figures["per_shape"][s] for s in remaining]))
+                                                if remaining else None)}
+    report = {"concepts": list(shapes), "methods": methods,
+              "settings": {"images_per_prompt": config_report.images_per_prompt, "steps": config_report.steps,
+                           "guidance_scale": config_report.guidance_scale, "seed": config_report.seed}}
+    if distributed.is_leader():
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = out_dir / ".report.json.tmp"
+        tmp.write_text(json.dumps(report, indent=2))
+        tmp.replace(out_dir / "report.json")
+    return report
+
+
+def format_joint_table(report: dict) -> str:
+    methods = report["methods"]
+    lines = [f"joint erasure of {', '.join(report['concepts'])} on the small world (fraction of images)",
+             f"{'':34s}" + "".join(f"{name:>14s}" for name in methods)]
+    for shape in report["concepts"]:
+        for key, label in (("erased_rate_named", "named"), ("erased_rate_paraphrase", "paraphrases")):
+            lines.append(f"{f'shows a {shape}: {label}':34s}"
+                         + "".join(f"{m['per_concept'][shape][key]:14.3f}" for m in methods.values()))
+    for shape in next(iter(methods.values()))["remaining"]:
+        lines.append(f"{f'{shape} (not erased) right':34s}" + "".join(f"{m['remaining'][shape]:14.3f}"
+                                                                     for m in methods.values()))
+    return "\n".join(lines)
+
+
 def _bundle_folder(bundle) -> Path:
     from coerase_jax.models import presets
 
