@@ -210,3 +210,19 @@ def test_toyworld_rows_match_the_main_jobs_prompts():
     assert len(named) == 3 * len(world.COLOURS) and {r.seed for r in named} == {1000, 1001, 1002}
     assert all(r.label == "circle" for r in rows if r.group == "paraphrase")
     assert all("circle" not in r.prompt for r in rows if r.group == "paraphrase")
+
+
+@pytest.mark.slow  # ~50 s: two attack programs compiled
+def test_attack_split_over_eight_devices_finds_the_same_prompts(world_bundle):
+    """The attacked prompts sharded over the mesh (5 prompts padded to 8) = one device."""
+    from coerase_jax.evaluate.attack import AttackSettings, attack
+    from coerase_jax.parallel.mesh import make_mesh
+
+    sampler = Sampler(world_bundle, steps=4, guidance_scale=3.0, batch_size=5)
+    prompts = [f"a {c} square" for c in world.COLOURS] + ["a red box"]
+    targets = sampler(["a red circle"] * 5, list(range(5)), progress=False)
+    settings = AttackSettings(tokens=3, steps=3)
+    alone = attack(world_bundle, world_bundle.unet_params, prompts, targets, settings, progress=False)
+    sharded = attack(world_bundle, world_bundle.unet_params, prompts, targets, settings,
+                     mesh=make_mesh({"data": 8}), progress=False)
+    assert sharded == alone and len(alone) == 5
