@@ -133,6 +133,7 @@ def test_main_job_erases_circles_and_keeps_the_other_shapes(tmp_path):
     assert (out / "grid.png").is_file() and "co_erasing" in done.stdout
 
 
+@pytest.mark.slow  # ~2 min, compile-bound (six parts); kept out of the default run for its time budget
 def test_build_chain_writes_a_loadable_bundle_and_resumes_finished_parts(tmp_path):
     """A few steps of every part (not a useful model): the chain runs and its output loads like SD."""
     from coerase_jax.models.bundle import load_bundle
