@@ -1,9 +1,11 @@
 """`coerase sweep`: cells from the grid, a kill mid-way resumes without redoing finished cells, one table."""
 
 import csv
+import json
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 
 from coerase_jax.configuration import load_config
@@ -63,3 +65,53 @@ def test_a_killed_sweep_resumes_without_redoing_finished_cells(tiny_bundle, tmp_
     table = list(csv.DictReader(open(tmp_path / "sweep.csv")))
     assert [row["text_stage.learning_rate"] for row in table] == ["0.0001", "0.0001"]
     assert (tmp_path / "sweep.md").read_text().startswith("| cell | concept | text_stage.learning_rate | loss_text |")
+
+
+@pytest.mark.parametrize("full", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["text", "both-killed"])
+def test_a_grid_points_concepts_side_by_side_equal_separate_runs(tiny_bundle, tmp_path, full):
+    """Two concepts on esd-x, trained in one program, end exactly where two separate runs end, each
+    as an ordinary finished run. The slow variant runs both stages and kills the group in the image
+    stage (its teacher is each concept's own text-stage result) before resuming it."""
+    from coerase_jax.configuration import config_from_run
+    from coerase_jax.erase.trainer import final_params
+
+    stages = "('text','image')" if full else "('text',)"
+    overrides = [f"--config.erase.stages={stages}", "--config.text_stage.subset=esd-x",
+                 "--config.image_stage.subset=esd-x", "--config.image_stage.steps=3", "--config.optim.name=sgd",
+                 "--config.text_stage.learning_rate=0.5", "--config.image_stage.learning_rate=0.5",
+                 "--config.data.num_references=4", "--config.checkpoint.every=1"]
+    config = load_config(str(REPO / "configs" / "sweep_tiny.py"),
+                         ["--config.text_stage.steps=3", "--config.erase.ddim_steps=4", *overrides])
+    with config.unlocked():
+        config.sweep.grid = (("text_stage.learning_rate", (0.5,)),)
+        config.sweep.report = False
+    mesh = make_mesh({"data": 1}, jax.devices()[:1])
+
+    def kill_in_image_stage(cell, stage, step, metrics):
+        if stage == "image" and step == 2:
+            raise Killed
+
+    if full:
+        with pytest.raises(Killed):
+            run_sweep(config, tiny_bundle, tmp_path / "together", progress=False, mesh=mesh,
+                      on_step=kill_in_image_stage)
+    run_sweep(config, tiny_bundle, tmp_path / "together", progress=False, mesh=mesh)
+    with config.unlocked():
+        config.sweep.batch_concepts = False
+    run_sweep(config, tiny_bundle, tmp_path / "apart", progress=False, mesh=mesh)
+
+    original = jax.tree_util.tree_leaves(tiny_bundle.unet_params)
+    for cell in ("circle_learning_rate=0.5", "square_learning_rate=0.5"):
+        together = final_params(config_from_run(str(tmp_path / "together" / "cells" / cell)), tiny_bundle)
+        apart = final_params(config_from_run(str(tmp_path / "apart" / "cells" / cell)), tiny_bundle)
+        moved = max(float(abs(a - b).max()) for a, b in zip(jax.tree_util.tree_leaves(apart), original))
+        assert moved > 1e-4, "nothing trained: the comparison would be empty"
+        for a, b in zip(jax.tree_util.tree_leaves(together), jax.tree_util.tree_leaves(apart)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+        last = "stage_image" if full else "stage_text"
+        done = json.loads((tmp_path / "together" / "cells" / cell / last / "done.json").read_text())
+        assert done["trained_side_by_side_with"] == 2
+    circle = final_params(config_from_run(str(tmp_path / "together" / "cells" / "circle_learning_rate=0.5")),
+                          tiny_bundle)
+    assert any(not np.allclose(np.asarray(a), np.asarray(b)) for a, b in
+               zip(jax.tree_util.tree_leaves(circle), jax.tree_util.tree_leaves(together)))  # concepts differ

@@ -31,11 +31,21 @@ def unstack(tree, count: int) -> list:
     return [jax.tree_util.tree_map(lambda leaf, k=k: leaf[k], tree) for k in range(count)]
 
 
-def batched_step(step_fn):
+def batched_step(step_fn, compose_teacher=None):
     """(stacked state, frozen, teacher, proj_params, stacked batch) -> (stacked state, stacked metrics).
 
-    ``step_fn`` must be built without a mesh (its sharding constraints are per concept)."""
-    return jax.vmap(step_fn, in_axes=(0, None, None, None, 0))
+    ``step_fn`` must be built without a mesh (its sharding constraints are per concept). With
+    ``compose_teacher``, each concept has its own teacher: ``teacher`` is then a pair (stacked own
+    part, shared rest) joined by ``compose_teacher(own, rest)`` — a later stage's teacher is that
+    concept's earlier result, which differs from the others only in the trained subset."""
+    if compose_teacher is None:
+        return jax.vmap(step_fn, in_axes=(0, None, None, None, 0))
+
+    def with_own_teacher(state, frozen, teacher, proj_params, batch):
+        own, rest = teacher
+        return step_fn(state, frozen, compose_teacher(own, rest), proj_params, batch)
+
+    return jax.vmap(with_own_teacher, in_axes=(0, None, (0, None), None, 0))
 
 
 def concept_sharding(mesh, rank: int) -> NamedSharding:
@@ -43,9 +53,11 @@ def concept_sharding(mesh, rank: int) -> NamedSharding:
     return NamedSharding(mesh, P("concept", *([None] * (rank - 1))))
 
 
-def jit_batched_step(step, mesh, state, frozen, teacher, proj_params, batch, donate: bool = True):
+def jit_batched_step(step, mesh, state, frozen, teacher, proj_params, batch, donate: bool = True,
+                     teacher_per_concept: bool = False):
     """``jax.jit`` of ``batched_step(...)`` with explicit shardings; shapes only are read from the
-    arguments (arrays or ShapeDtypeStructs)."""
+    arguments (arrays or ShapeDtypeStructs). ``teacher_per_concept``: the teacher is a pair
+    (stacked own part, shared rest), as ``batched_step(..., compose_teacher)`` takes it."""
     count = jax.tree_util.tree_leaves(state)[0].shape[0]
     if count % mesh.shape["concept"]:
         raise UserError(f"{count} concepts do not divide over the mesh's concept axis ({mesh.shape['concept']})")
@@ -54,7 +66,9 @@ def jit_batched_step(step, mesh, state, frozen, teacher, proj_params, batch, don
     batch_sh = jax.tree_util.tree_map(
         lambda leaf: NamedSharding(mesh, P("concept", mesh_lib.BATCH_AXES, *([None] * (leaf.ndim - 2)))), batch)
     metrics_sh = NamedSharding(mesh, P("concept"))
-    in_shardings = (stacked(state), mesh_lib.tree_shardings(frozen, mesh), mesh_lib.tree_shardings(teacher, mesh),
+    teacher_sh = ((stacked(teacher[0]), mesh_lib.tree_shardings(teacher[1], mesh)) if teacher_per_concept
+                  else mesh_lib.tree_shardings(teacher, mesh))
+    in_shardings = (stacked(state), mesh_lib.tree_shardings(frozen, mesh), teacher_sh,
                     mesh_lib.tree_shardings(proj_params, mesh), batch_sh)
     return jax.jit(step, in_shardings=in_shardings, out_shardings=(stacked(state), metrics_sh),
                    donate_argnums=(0,) if donate else ())

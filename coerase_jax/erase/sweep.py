@@ -10,8 +10,10 @@ command after a kill redoes nothing that was done. After each cell ``out/sweep.c
 ``out/sweep.md`` are rewritten: each cell's final losses, and with ``report.kind = "toyworld"`` and
 ``sweep.report`` its efficacy and usability figures from the small world's judge.
 
-Cells run one after another; K concepts with one setting can instead be trained side by side
-(``erase/batched.py``), which this command does not do yet.
+With ``sweep.batch_concepts`` (default on), the unfinished cells of one setting — the concepts
+of one grid point — train side by side in one program (``erase/batched_trainer.py``: stacked on
+the mesh's ``concept`` axis) when their trainable part is small enough to stack; each still ends
+up an ordinary finished run in its own folder. Other cells run one after another.
 """
 
 from __future__ import annotations
@@ -112,6 +114,8 @@ def run_sweep(config, bundle, out: str | Path, progress: bool = True, mesh=None,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cells = plan_cells(config)
+    if config.sweep.batch_concepts:
+        _run_batched_groups(config, cells, bundle, out, progress, mesh, on_step)
     rows = []
     for i, cell in enumerate(cells):
         cfg = cell_config(config, cell, out)
@@ -127,3 +131,27 @@ def run_sweep(config, bundle, out: str | Path, progress: bool = True, mesh=None,
         if distributed.is_leader():
             write_table(rows, out)
     return rows
+
+
+def _run_batched_groups(config, cells: list[Cell], bundle, out: Path, progress, mesh, on_step) -> None:
+    """Trains the unfinished cells of each grid point side by side, where they can be."""
+    from coerase_jax.erase.batched_trainer import run_batched, why_not_batched
+
+    groups: dict[tuple, list[Cell]] = {}
+    for cell in cells:
+        groups.setdefault(cell.settings, []).append(cell)
+    for settings, group in groups.items():
+        cfgs = [cell_config(config, cell, out) for cell in group]
+        todo = [(cell, cfg) for cell, cfg in zip(group, cfgs)
+                if not all(stage_done(stage, Path(cfg.run_dir)) for stage in plan_stages(cfg))]
+        if len(todo) < 2:
+            continue
+        reason = why_not_batched([cfg for _, cfg in todo], mesh)
+        label = "_".join(f"{key.split('.')[-1]}={value}" for key, value in settings) or "all"
+        if reason:
+            print(f"[sweep] {label}: {len(todo)} cells one after another ({reason})", flush=True)
+            continue
+        print(f"[sweep] {label}: {len(todo)} cells side by side ({', '.join(c.name for c, _ in todo)})", flush=True)
+        names = {cfg.run_dir: cell.name for cell, cfg in todo}
+        run_batched([cfg for _, cfg in todo], bundle, out / "batched" / re.sub(r"[^A-Za-z0-9_.=+-]+", "-", label),
+                    progress, mesh, None if on_step is None else lambda run_dir, *a: on_step(names[run_dir], *a))

@@ -192,7 +192,7 @@ def checkpoint_manager(stage_dir: Path, config) -> ocp.CheckpointManager:
 
 
 def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, meta: dict) -> None:
-    step = int(state.step)
+    step = int(np.ravel(jax.device_get(state.step))[0])  # (a stacked state has one step per concept, all equal)
     if step in manager.all_steps():
         return
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),

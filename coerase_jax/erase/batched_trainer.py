@@ -1,0 +1,212 @@
+"""Runs that differ only in their concept, trained side by side in ONE program (for `coerase sweep`).
+
+Per stage, every run's data is encoded as in a single run (its prompts, its reference images);
+the runs' trainable parts are stacked on a leading concept axis and trained by the vmapped step
+(``erase/batched.py``), split over the mesh's ``concept`` axis, with one shared copy of the frozen
+UNet. A later stage's teacher is each run's own earlier result (stacked beside the shared rest).
+
+The stacked state is checkpointed under ``group_dir/stage_<name>/`` (an interrupted group resumes
+there). When a stage ends, every run directory receives an ordinary finished stage — its own
+checkpoint (unstacked), ``metrics.jsonl`` and ``done.json`` — so export, eval, the report and the
+sweep's skip logic treat each concept exactly like a run trained alone.
+
+Only small trainable parts are stacked: all stages ``esd-x`` / ``esd-x-strict`` (the same in each
+stage), or a LoRA with one stage; anything else (and several hosts) runs one after another.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+from coerase_jax.configuration import to_json
+from coerase_jax.diffusion.schedule import NoiseSchedule
+from coerase_jax.erase import subsets
+from coerase_jax.erase.batched import batched_step, jit_batched_step, stack, unstack
+from coerase_jax.erase.step import Batch, TrainState, build_step
+from coerase_jax.erase.trainer import (MetricsLog, Preempted, _Preemption, cast_tree, check_run_dir,
+                                       checkpoint_manager, encode_prompts, load_stage_trainable, optimizer_for,
+                                       plan_stages, reference_embeddings, restore_checkpoint, sample_batch,
+                                       save_checkpoint, stage_done)
+from coerase_jax.errors import UserError
+from coerase_jax.models.bundle import DTYPES, Bundle
+from coerase_jax.parallel import distributed
+from coerase_jax.parallel import mesh as mesh_lib
+
+STACKABLE_SUBSETS = ("esd-x", "esd-x-strict")
+PER_RUN_KEYS = ("concept", "run_dir")  # what may differ between runs trained together
+
+
+def why_not_batched(cfgs: list, mesh=None) -> str | None:
+    """None when these runs can train side by side (on ``mesh``), else the reason they cannot."""
+    if len(cfgs) < 2:
+        return "a single run"
+    if jax.process_count() > 1:
+        return "several hosts (batched groups run on one host for now)"
+    common = lambda c: {k: v for k, v in json.loads(to_json(c)).items() if k not in PER_RUN_KEYS}
+    if any(common(c) != common(cfgs[0]) for c in cfgs[1:]):
+        return "their settings differ"
+    if any(c.concept.joint for c in cfgs):
+        return "joint erasures"
+    stages = plan_stages(cfgs[0])
+    lora = cfgs[0].erase.lora_rank > 0
+    if lora and len(stages) > 1:
+        return "a LoRA with two stages (the second starts from the first's merged weights)"
+    if not lora and (len({s.subset for s in stages}) > 1 or stages[0].subset not in STACKABLE_SUBSETS):
+        return f"subset {'/'.join(s.subset for s in stages)} (stackable: {', '.join(STACKABLE_SUBSETS)} or LoRA)"
+    if mesh is not None and len(cfgs) % mesh.shape["concept"]:
+        return f"the mesh's concept axis ({mesh.shape['concept']}) does not divide {len(cfgs)} runs"
+    return None
+
+
+def _put_stacked(batches: list[Batch], mesh) -> Batch:
+    """K host batches -> one (K, B, ...) batch: concepts over ``concept``, examples over data x fsdp."""
+    stacked = stack(batches)
+    return jax.tree_util.tree_map(
+        lambda leaf: jax.device_put(leaf, NamedSharding(mesh, P("concept", mesh_lib.BATCH_AXES,
+                                                                *([None] * (leaf.ndim - 2))))), stacked)
+
+
+def train_stage_batched(stage, cfgs: list, bundle: Bundle, start_own: list[dict], frozen: dict, datas: list,
+                        group_dir: Path, mesh, progress: bool = True, on_step=None) -> list[dict]:
+    """One stage for K runs at once; returns each run's trained part (its subset, or its LoRA)."""
+    count, config = len(cfgs), cfgs[0]
+    lora = stage.trainable.lora_rank > 0
+    optimizer = optimizer_for(config, stage)
+    teacher_dtype = DTYPES[config.erase.teacher_dtype]
+    if lora:  # the LoRA starts from the same factors in every run (as each single run would)
+        trainables = [stage.trainable.split(bundle.unet_params)[0]] * count
+        lora_frozen = stage.trainable.split(bundle.unet_params)[1]
+        teacher, compose_teacher, frozen_in = cast_tree(lora_frozen, teacher_dtype), None, lora_frozen
+    else:  # each run's teacher: its own subset before this stage, joined to the shared rest
+        trainables = start_own
+        teacher = (cast_tree(stack(start_own), teacher_dtype), cast_tree(frozen, teacher_dtype))
+        compose_teacher, frozen_in = subsets.merge, frozen
+    proj_params = bundle.image.proj_params if bundle.image is not None else {}
+    plan = NoiseSchedule.from_config(bundle.scheduler_config).ddim_plan(config.erase.ddim_steps)
+    batch_size = config.erase.batch_size
+    mesh_lib.batch_size_per_replica_check(batch_size, mesh)
+
+    init = stack([TrainState(jnp.zeros((), jnp.int32), t, optimizer.init(t)) for t in trainables])
+    stage_dir = group_dir / f"stage_{stage.name}"
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    manager = checkpoint_manager(stage_dir, config)
+    step_fn = build_step(bundle.unet, bundle.image.proj if bundle.image else None, plan, stage.settings, optimizer,
+                         bundle.latent_shape, None, compose=stage.trainable.compose)
+    sample = lambda step: [sample_batch(d, c.erase.seed, step, batch_size) for d, c in zip(datas, cfgs)]
+    example = _put_stacked(sample(0), mesh)
+    shard = lambda tree: jax.device_put(tree, mesh_lib.tree_shardings(tree, mesh))
+    frozen_in, proj_params = shard(frozen_in), shard(proj_params)
+    teacher = (jax.device_put(teacher[0], jax.tree_util.tree_map(
+        lambda leaf: NamedSharding(mesh, P("concept", *([None] * (leaf.ndim - 1)))), teacher[0])),
+        shard(teacher[1])) if compose_teacher else shard(teacher)
+    jitted = jit_batched_step(batched_step(step_fn, compose_teacher), mesh, init, frozen_in, teacher, proj_params,
+                              example, teacher_per_concept=compose_teacher is not None)
+    state_sh = jax.tree_util.tree_map(lambda leaf: NamedSharding(mesh, P("concept", *([None] * (leaf.ndim - 1)))),
+                                      init)
+    abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), init, state_sh)
+    state = restore_checkpoint(manager, abstract)
+    state = jax.device_put(init, state_sh) if state is None else state
+    start_step = int(state.step[0])
+    if start_step:
+        print(f"[{stage.name}] {count} runs side by side: resuming from step {start_step}")
+    started = time.perf_counter()
+    compiled = jitted.lower(state, frozen_in, teacher, proj_params, example).compile()
+    print(f"[{stage.name}] {count} runs side by side: compiled the step in {time.perf_counter() - started:.1f}s")
+
+    for c in cfgs:
+        (Path(c.run_dir) / f"stage_{stage.name}").mkdir(parents=True, exist_ok=True)
+    logs = [MetricsLog(Path(c.run_dir) / f"stage_{stage.name}", stage.name, start_step) for c in cfgs]
+    meta = {"seed": config.erase.seed, "stage": stage.name, "runs": [c.run_dir for c in cfgs]}
+    losses = [None] * count
+    bar = tqdm(total=stage.steps, initial=start_step, desc=f"erase[{stage.name}] x{count}", unit="it",
+               disable=not progress or not distributed.is_leader())
+    try:
+        with _Preemption() as preemption:
+            for step in range(start_step, stage.steps):
+                tick = time.perf_counter()
+                state, metrics = compiled(state, frozen_in, teacher, proj_params, _put_stacked(sample(step), mesh))
+                per_run = [{k: float(np.asarray(v)[i]) for k, v in metrics.items()} for i in range(count)]
+                elapsed = time.perf_counter() - tick
+                bad = [c.run_dir for c, m in zip(cfgs, per_run) if not math.isfinite(m["loss"])]
+                if bad:
+                    manager.wait_until_finished()
+                    raise UserError(f"non-finite loss at step {step + 1} of the {stage.name} stage in {', '.join(bad)}; "
+                                    f"the last checkpoint (step {manager.latest_step()}) is intact")
+                done = step + 1
+                for i, m in enumerate(per_run):
+                    m["step_s"] = elapsed
+                    losses[i] = m["loss"]
+                    if done % config.log.every == 0 or done == stage.steps:
+                        logs[i].write(done, m)
+                    if on_step is not None:
+                        on_step(i, stage.name, done, m)
+                bar.update(1)
+                bar.set_postfix(loss=f"{np.mean(losses):.4g}")
+                if done % config.checkpoint.every == 0 or done == stage.steps or preemption.requested:
+                    save_checkpoint(manager, state, {**meta, "data_position": done})
+                if preemption.requested:
+                    manager.wait_until_finished()
+                    raise Preempted(f"SIGTERM: saved the group's checkpoint at step {done} of the {stage.name} "
+                                    f"stage in {stage_dir}; run the same command again to resume")
+    finally:
+        bar.close()
+        for log in logs:
+            log.close()
+        manager.wait_until_finished()
+        manager.close()
+
+    # Hand each run its own finished stage, as if it had trained alone.
+    final = unstack(distributed.fetch(state), count)
+    for c, run_state, loss in zip(cfgs, final, losses):
+        run_stage = Path(c.run_dir) / f"stage_{stage.name}"
+        run_manager = checkpoint_manager(run_stage, c)
+        save_checkpoint(run_manager, run_state, {"seed": c.erase.seed, "stage": stage.name,
+                                                 "data_position": stage.steps, "trained_with": meta["runs"]})
+        run_manager.wait_until_finished()
+        run_manager.close()
+        if distributed.is_leader():
+            (run_stage / "done.json").write_text(json.dumps({"steps": stage.steps, "final_loss": loss,
+                                                             "trained_side_by_side_with": len(cfgs)}))
+    return [s.trainable for s in final]
+
+
+def run_batched(cfgs: list, bundle: Bundle, group_dir: str | Path, progress: bool = True, mesh=None,
+                on_step=None) -> None:
+    """Every stage of K runs that ``why_not_batched`` accepts, side by side; each run directory
+    ends up finished exactly as ``run_erasure`` would leave it."""
+    mesh = mesh or mesh_lib.make_mesh(dict(cfgs[0].mesh))
+    reason = why_not_batched(cfgs, mesh)
+    if reason:
+        raise UserError(f"these runs cannot train side by side: {reason}")
+    group_dir = Path(group_dir)
+    for c in cfgs:
+        check_run_dir(Path(c.run_dir), c)
+    stages = plan_stages(cfgs[0])
+    datas = [encode_prompts(bundle, c) for c in cfgs]
+    unfinished = [s for s in stages if not all(stage_done(s, Path(c.run_dir)) for c in cfgs)]
+    if any(s.settings.use_image for s in unfinished):
+        if bundle.image is None:
+            raise UserError("the image stage needs an image encoder and an IP-Adapter in the model bundle")
+        for d, c in zip(datas, cfgs):
+            d.image_embeds = reference_embeddings(c, bundle, Path(c.run_dir), progress, mesh)
+    own, frozen = stages[0].trainable.split(bundle.unet_params)
+    owns = [own] * len(cfgs)
+    for stage in stages:
+        if all(stage_done(stage, Path(c.run_dir)) for c in cfgs):
+            print(f"[{stage.name}] already finished for all {len(cfgs)} runs; loading their results")
+            starts = [stage.trainable.compose(o, frozen) for o in owns] if not stage.trainable.lora_rank \
+                else [bundle.unet_params] * len(cfgs)
+            owns = [load_stage_trainable(stage, c, s, Path(c.run_dir))[0] for c, s in zip(cfgs, starts)]
+            continue
+        owns = train_stage_batched(stage, cfgs, bundle, owns, frozen, datas, group_dir, mesh, progress,
+                                   None if on_step is None else
+                                   lambda i, *a: on_step(cfgs[i].run_dir, *a))
