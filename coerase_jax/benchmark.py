@@ -4,6 +4,7 @@ What it reports (JSON schema, all keys always present; ``null`` where a backend 
 
     device_kind, num_devices, mesh            what ran, and how it was laid out
     shapes, batch_size, ddim_steps, settings  what was measured
+    stage, subset, lora_rank                  what trains (lora_rank 0: the subset's own weights)
     compile_s                                 AOT compile of the erasure step
     step_s_median, step_s_mean                per iteration, after warm-up (null with --compile-only)
     iters_per_s                               1 / step_s_mean (throughput; the DDIM index is random)
@@ -37,7 +38,6 @@ import numpy as np
 
 from coerase_jax.diffusion.sampling import Conditioning, denoise, guided_eps
 from coerase_jax.diffusion.schedule import NoiseSchedule
-from coerase_jax.erase import subsets
 from coerase_jax.erase.step import Batch, TrainState, build_step, denoiser, jit_step
 from coerase_jax.erase.trainer import optimizer_for, plan_stages
 from coerase_jax.errors import UserError
@@ -138,7 +138,7 @@ def run_bench(config, compile_only: bool = False) -> dict[str, Any]:
     teacher_dtype = DTYPES[config.erase.teacher_dtype]
 
     params = jax.eval_shape(unet.init_params, jax.random.PRNGKey(0))
-    trainable, frozen = subsets.split(params, stage.subset, config.erase.train_image_kv)
+    trainable, frozen = jax.eval_shape(stage.trainable.split, params)  # the subset's weights, or a LoRA of them
     teacher = jax.tree_util.tree_map(lambda p: jax.ShapeDtypeStruct(p.shape, teacher_dtype), params)
     proj_params = jax.eval_shape(lambda r: proj.init_params(r, shapes.embed_dim), jax.random.PRNGKey(0))
     init_state = lambda t: TrainState(jnp.zeros((), jnp.int32), t, optimizer.init(t))
@@ -157,7 +157,8 @@ def run_bench(config, compile_only: bool = False) -> dict[str, Any]:
             _abstract(proj_params, sh(proj_params)), _abstract(batch, batch_sh))
 
     def lower_step(unet_def):
-        step_fn = build_step(unet_def, proj, plan, settings, optimizer, shapes.latent_shape, mesh)
+        step_fn = build_step(unet_def, proj, plan, settings, optimizer, shapes.latent_shape, mesh,
+                             compose=stage.trainable.compose)
         return jit_step(step_fn, mesh, state, frozen, teacher, proj_params, batch,
                         donate=config.bench.donate).lower(*args)
 
@@ -197,6 +198,7 @@ def run_bench(config, compile_only: bool = False) -> dict[str, Any]:
         "ddim_steps": plan.num_steps,
         "stage": stage.name,
         "subset": stage.subset,
+        "lora_rank": stage.trainable.lora_rank,  # 0: the subset's weights are trained
         "settings": {"dtype": config.model.dtype, "teacher_dtype": config.erase.teacher_dtype,
                      "remat": config.model.remat, "attention_impl": config.model.attention_impl or "default",
                      "donate": config.bench.donate},
@@ -252,7 +254,7 @@ def _materialise(unet, proj, shapes, params, teacher_dtype, init_state, mesh, co
     """Random weights, created on the devices with their final shardings (no host copy of SD)."""
     sh = lambda tree: mesh_lib.tree_shardings(tree, mesh)
     full = jax.jit(unet.init_params, out_shardings=sh(params))(jax.random.PRNGKey(0))
-    train, froz = subsets.split(full, stage.subset, config.erase.train_image_kv)
+    train, froz = jax.jit(stage.trainable.split, out_shardings=sh(jax.eval_shape(stage.trainable.split, params)))(full)
     state = jax.jit(init_state, out_shardings=sh(jax.eval_shape(init_state, train)))(train)
     teacher = jax.jit(lambda p: jax.tree_util.tree_map(lambda x: x.astype(teacher_dtype), p),
                       out_shardings=sh(params))(full)
@@ -306,7 +308,8 @@ def format_table(result: dict) -> str:
     rows = [
         ("device", f"{result['device_kind']} x{result['num_devices']} mesh {result['mesh']}"),
         ("shapes / batch", f"{result['shapes']} / {result['batch_size']} (DDIM N={result['ddim_steps']}, "
-                           f"stage {result['stage']}, subset {result['subset']})"),
+                           f"stage {result['stage']}, subset {result['subset']}"
+                           + (f", LoRA rank {result['lora_rank']}" if result.get("lora_rank") else "") + ")"),
         ("settings", ", ".join(f"{k}={v}" for k, v in result["settings"].items())),
         ("compile", fmt(result["compile_s"], " s")),
         ("step (median / mean)", f"{fmt(result['step_s_median'], ' s')} / {fmt(result['step_s_mean'], ' s')}"),
