@@ -43,7 +43,7 @@ from coerase_jax.parallel import mesh as mesh_lib
 
 STAGES = ("text", "image")
 # Config sections that may change between a run and its resumption (they do not change the math).
-RESUMABLE_CHANGES = ("checkpoint", "log", "report", "sample", "bench", "sweep")
+RESUMABLE_CHANGES = ("checkpoint", "log", "report", "sample", "bench", "sweep", "eval")
 
 
 @dataclasses.dataclass(frozen=True)

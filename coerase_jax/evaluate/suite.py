@@ -93,8 +93,8 @@ class FeatureExtractor:
         if config.eval.inception:
             from coerase_jax.evaluate.inception import load_inception
 
-            self.name, self._features = "inception-v3 pool3 (2048-d, %s)" % config.eval.inception, \
-                load_inception(config.eval.inception)
+            self.name = f"FID Inception-v3 pool features (2048-d, weights {config.eval.inception})"
+            self._features = load_inception(config.eval.inception)
         elif bundle.image is not None:
             embed = jax.jit(bundle.encode_images)
             self.name = "CLIP image embeddings of the bundle's image encoder (no Inception weights given)"
