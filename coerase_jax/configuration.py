@@ -110,16 +110,22 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
 
 
 def config_from_run(run_dir: str) -> ml_collections.ConfigDict:
-    """The resolved config a run directory was made with (its config.json)."""
+    """The resolved config a run directory was made with (its config.json). Keys added to the
+    project after the run was made take their defaults, which keep the behaviour of that time."""
     path = Path(run_dir) / "config.json"
     if not path.is_file():
         raise UserError(f"{run_dir} is not a run directory (no config.json)")
-    config = ml_collections.ConfigDict(json.loads(path.read_text()))
-    for section in config.values():  # JSON turned tuples into lists
-        if isinstance(section, ml_collections.ConfigDict):
-            for key, value in section.items():
-                if isinstance(value, list):
-                    section[key] = tuple(value)
+    saved = json.loads(path.read_text())
+    config = base_config(saved.get("model", {}).get("source", ""))
+
+    def fill(node: ml_collections.ConfigDict, values: dict) -> None:
+        for key, value in values.items():
+            if isinstance(value, dict) and isinstance(node.get(key), ml_collections.ConfigDict):
+                fill(node[key], value)
+            else:  # JSON turned tuples into lists
+                node[key] = tuple(value) if isinstance(value, list) else value
+
+    fill(config, saved)
     config.lock()
     return config
 

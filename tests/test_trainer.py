@@ -1,6 +1,7 @@
 """The erasure run: resume after SIGKILL / SIGTERM, clear errors, non-finite loss, effect on the tiny model."""
 
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -237,3 +238,18 @@ def test_no_recompilation_during_a_run(tiny_bundle, image_dir, tmp_path):
         assert [r[0] for r in records] == list(range(1, 9))
         assert len({r[2] for r in records}) > 2, "the DDIM index should vary between steps"
         assert records[-1][1] == records[0][1], f"{stage}: compiled again after its first step"
+
+
+def test_a_run_made_before_newer_config_keys_still_loads_with_their_defaults(uninterrupted, tiny_bundle):
+    """An older run's config.json lacks keys added since (LoRA, joint erasure, eval): they take the
+    defaults, which are the behaviour of that time, so its result still loads."""
+    run_dir, expected = uninterrupted
+    saved = json.loads((run_dir / "config.json").read_text())
+    del saved["erase"]["lora_rank"], saved["erase"]["lora_alpha"], saved["concept"]["joint"], saved["eval"]
+    old = run_dir.parent / "older_run"
+    shutil.copytree(run_dir, old)
+    (old / "config.json").write_text(json.dumps(saved))
+    config = config_from_run(str(old))
+    assert config.erase.lora_rank == 0 and config.concept.joint == () and config.eval.judge == "auto"
+    assert config.concept.prompts == tuple(saved["concept"]["prompts"])
+    _assert_same_params(final_params(config, tiny_bundle), expected)
