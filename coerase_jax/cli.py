@@ -113,6 +113,7 @@ def cmd_eval(args, config) -> None:
     from coerase_jax.erase.trainer import plan_stages, run_erasure, stage_done, stage_models
     from coerase_jax.evaluate.suite import evaluate_models, evaluation_rows, format_markdown
     from coerase_jax.models.bundle import load_bundle_from_config
+    from coerase_jax.parallel import distributed
     from coerase_jax.parallel.mesh import make_mesh
 
     start = time.perf_counter()
@@ -136,6 +137,8 @@ def cmd_eval(args, config) -> None:
         models.update(stage_models(config, bundle))
     out = Path(args.out)
     report = evaluate_models(config, bundle, models, out, mesh=make_mesh(dict(config.mesh)))
+    if not distributed.is_leader():
+        return
     print(format_markdown(report))
     print(f"wrote {out}/report.json, report.md, efficacy_usability.png and per_group.png "
           f"in {time.perf_counter() - start:.0f}s")

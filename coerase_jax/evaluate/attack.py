@@ -96,13 +96,13 @@ def attack(bundle: Bundle, unet_params, prompts: list[str], target_images: np.nd
         prompts, target_images = list(prompts) + [prompts[i] for i in pad], np.concatenate(
             [target_images, target_images[pad]])
     slot_ids = insert_prefix_slots(bundle.tokenize(list(prompts)), k)
-    latents = jax.jit(bundle.encode_latents)(jnp.asarray(target_images, jnp.float32) / 255.0)
+    latents = np.asarray(jax.jit(bundle.encode_latents)(jnp.asarray(target_images, jnp.float32) / 255.0))
     schedule = NoiseSchedule.from_config(bundle.scheduler_config)
     alphas = jnp.asarray(schedule.alphas_cumprod)
     allowed = jnp.asarray(allowed_tokens(bundle))
-    table = bundle.text_encoder.token_table(bundle.text_params)
+    table = jnp.asarray(bundle.text_encoder.token_table(bundle.text_params))
     rng = np.random.default_rng(settings.seed)
-    vectors = jnp.asarray(table)[rng.choice(np.flatnonzero(np.asarray(allowed)), size=(len(prompts), k))]
+    vectors = table[rng.choice(np.flatnonzero(np.asarray(allowed)), size=(len(prompts), k))]
     optimizer = optax.adam(settings.learning_rate)
     opt_state = optimizer.init(vectors)
 
@@ -115,27 +115,34 @@ def attack(bundle: Bundle, unet_params, prompts: list[str], target_images: np.nd
         updates, opt_state = optimizer.update(grad, opt_state, vectors)
         return optax.apply_updates(vectors, updates), opt_state, loss
 
+    project = lambda vectors: nearest_tokens(vectors, table, allowed)
+    text_params, key = bundle.text_params, jax.random.PRNGKey(settings.seed)
+    place_key = lambda key: key
     if mesh is None:
-        step = jax.jit(step)
+        step, project = jax.jit(step), jax.jit(project)
     else:  # the attacked prompts split over the mesh's batch devices, the weights replicated
         rep, data = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
         opt_sharding = jax.tree_util.tree_map(lambda a: data if np.ndim(a) else rep, opt_state)
-        vectors, opt_state = jax.device_put((vectors, opt_state), (data, opt_sharding))
+        # every input placed explicitly (on several hosts jit takes no numpy for sharded inputs)
+        vectors, opt_state, slot_ids, latents = jax.device_put((vectors, opt_state, slot_ids, latents),
+                                                               (data, opt_sharding, data, data))
+        unet_params, text_params = jax.device_put((unet_params, text_params), rep)
+        place_key = lambda key: jax.device_put(key, rep)
         step = jax.jit(step, in_shardings=(data, opt_sharding, rep, rep, rep, data, data),
                        out_shardings=(data, opt_sharding, rep))
+        project = jax.jit(project, in_shardings=data, out_shardings=rep)
 
     def current_prompts() -> list[str]:
-        tokens = np.asarray(distributed.fetch(nearest_tokens(vectors, table, allowed)))[:count]
+        tokens = np.asarray(distributed.fetch(project(vectors)))[:count]
         return [f"{bundle.tokenizer.decode(row.tolist()).strip()} {prompt}".strip()
                 for row, prompt in zip(tokens, prompts)]
 
     chosen, succeeded = None, np.zeros(count, bool)
-    key = jax.random.PRNGKey(settings.seed)
     steps = tqdm(range(1, settings.steps + 1), desc=f"attacking {count} prompts", unit="step",
                  disable=not progress or not distributed.is_leader())
     for i in steps:
-        vectors, opt_state, loss = step(vectors, opt_state, jax.random.fold_in(key, i), unet_params,
-                                        bundle.text_params, slot_ids, latents)
+        vectors, opt_state, loss = step(vectors, opt_state, place_key(jax.random.fold_in(key, i)), unet_params,
+                                        text_params, slot_ids, latents)
         if check is not None and (i % settings.check_every == 0 or i == settings.steps):
             candidates = current_prompts()
             chosen = chosen or candidates
