@@ -134,7 +134,7 @@ def cmd_eval(args, config) -> None:
         if not all(stage_done(s, Path(config.run_dir)) for s in plan_stages(config)):
             print(f"no finished erasure in {config.run_dir}: running it first")
             run_erasure(config, bundle)
-        models.update(stage_models(config, bundle))
+        models.update(stage_models(config_from_run(config.run_dir), bundle))  # as the run was made
     out = Path(args.out)
     report = evaluate_models(config, bundle, models, out, mesh=make_mesh(dict(config.mesh)))
     if not distributed.is_leader():

@@ -157,3 +157,38 @@ def test_host_slices_cover_every_item_once():
     assert shares == [slice(0, 4), slice(4, 8), slice(8, 10)]
     assert [distributed.my_slice(2, 3, i) for i in range(3)] == [slice(0, 1), slice(1, 2), slice(2, 2)]
     np.testing.assert_array_equal(distributed.gather_rows(np.arange(6).reshape(3, 2), 3), np.arange(6).reshape(3, 2))
+
+
+@pytest.mark.slow  # ~3 min: a short small-world erasure, then `coerase eval` in one and in two processes
+def test_eval_on_two_processes_matches_one_process(tmp_path):
+    """Generation, judging, CLIP score, FID and the attack over 2 hosts (1 device each) give the
+    same report and adversarial prompts as one process."""
+    import json
+
+    run_dir = tmp_path / "run"
+    erase = ["--config.text_stage.steps=2", "--config.image_stage.steps=2", "--config.data.num_references=4",
+             "--config.data.reference_batch_size=4", f"--config.run_dir={run_dir}"]
+    evaluate = ["--config.report.images_per_prompt=1", "--config.eval.attack_steps=2",
+                "--config.eval.attack_prompts=4", "--config.eval.batch_size=16", f"--config.run_dir={run_dir}"]
+    cli = [sys.executable, "-m", "coerase_jax.cli"]
+    one_host = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    subprocess.run(cli + ["erase", *erase], env=one_host, check=True, capture_output=True, text=True)
+    single = subprocess.run(cli + ["eval", "--out", str(tmp_path / "one"), *evaluate], env=one_host,
+                            capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-2000:]
+    port = _free_port()
+    procs = [subprocess.Popen(cli + ["eval", "--out", str(tmp_path / "two"), *evaluate], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True,
+                              env={**one_host, distributed.ENV_COORDINATOR: f"127.0.0.1:{port}",
+                                   distributed.ENV_COUNT: "2", distributed.ENV_ID: str(i)}) for i in range(2)]
+    for code, text in _finish(procs):
+        assert code == 0, text[-2000:]
+    one, two = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
+    for name, m in one["methods"].items():
+        for key in ("asr", "other_accuracy", "asr_attack", "erased_rate_named", "erased_rate_paraphrase"):
+            assert two["methods"][name].get(key) == m.get(key), (name, key)
+        for key in ("clip_score", "fid_vs_original"):
+            assert two["methods"][name][key] == pytest.approx(m[key], rel=1e-3, abs=1e-3)
+    for name in ("text_only", "co_erasing"):
+        assert (tmp_path / "one" / "attack" / f"{name}.csv").read_text() == \
+            (tmp_path / "two" / "attack" / f"{name}.csv").read_text()
