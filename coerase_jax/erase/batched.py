@@ -53,6 +53,11 @@ def concept_sharding(mesh, rank: int) -> NamedSharding:
     return NamedSharding(mesh, P("concept", *([None] * (rank - 1))))
 
 
+def concept_batch_sharding(mesh, rank: int) -> NamedSharding:
+    """A stacked batch leaf (K, B, ...): concepts over ``concept``, each one's examples over data x fsdp."""
+    return NamedSharding(mesh, P("concept", mesh_lib.BATCH_AXES, *([None] * (rank - 2))))
+
+
 def jit_batched_step(step, mesh, state, frozen, teacher, proj_params, batch, donate: bool = True,
                      teacher_per_concept: bool = False):
     """``jax.jit`` of ``batched_step(...)`` with explicit shardings; shapes only are read from the
@@ -63,8 +68,7 @@ def jit_batched_step(step, mesh, state, frozen, teacher, proj_params, batch, don
         raise UserError(f"{count} concepts do not divide over the mesh's concept axis ({mesh.shape['concept']})")
     stacked = lambda tree: jax.tree_util.tree_map(lambda leaf: concept_sharding(mesh, leaf.ndim), tree)
     # The batch: concepts over ``concept``, each concept's examples over data x fsdp.
-    batch_sh = jax.tree_util.tree_map(
-        lambda leaf: NamedSharding(mesh, P("concept", mesh_lib.BATCH_AXES, *([None] * (leaf.ndim - 2)))), batch)
+    batch_sh = jax.tree_util.tree_map(lambda leaf: concept_batch_sharding(mesh, leaf.ndim), batch)
     metrics_sh = NamedSharding(mesh, P("concept"))
     teacher_sh = ((stacked(teacher[0]), mesh_lib.tree_shardings(teacher[1], mesh)) if teacher_per_concept
                   else mesh_lib.tree_shardings(teacher, mesh))

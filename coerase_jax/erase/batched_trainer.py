@@ -24,13 +24,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from coerase_jax.configuration import to_json
 from coerase_jax.diffusion.schedule import NoiseSchedule
 from coerase_jax.erase import subsets
-from coerase_jax.erase.batched import batched_step, jit_batched_step, stack, unstack
+from coerase_jax.erase.batched import (batched_step, concept_batch_sharding, concept_sharding, jit_batched_step,
+                                       stack, unstack)
 from coerase_jax.erase.step import Batch, TrainState, build_step
 from coerase_jax.erase.trainer import (MetricsLog, Preempted, _Preemption, cast_tree, check_run_dir,
                                        checkpoint_manager, encode_prompts, load_stage_trainable, optimizer_for,
@@ -69,10 +69,8 @@ def why_not_batched(cfgs: list, mesh=None) -> str | None:
 
 def _put_stacked(batches: list[Batch], mesh) -> Batch:
     """K host batches -> one (K, B, ...) batch: concepts over ``concept``, examples over data x fsdp."""
-    stacked = stack(batches)
-    return jax.tree_util.tree_map(
-        lambda leaf: jax.device_put(leaf, NamedSharding(mesh, P("concept", mesh_lib.BATCH_AXES,
-                                                                *([None] * (leaf.ndim - 2))))), stacked)
+    return jax.tree_util.tree_map(lambda leaf: jax.device_put(leaf, concept_batch_sharding(mesh, leaf.ndim)),
+                                  stack(batches))
 
 
 def train_stage_batched(stage, cfgs: list, bundle: Bundle, start_own: list[dict], frozen: dict, datas: list,
@@ -83,8 +81,8 @@ def train_stage_batched(stage, cfgs: list, bundle: Bundle, start_own: list[dict]
     optimizer = optimizer_for(config, stage)
     teacher_dtype = DTYPES[config.erase.teacher_dtype]
     if lora:  # the LoRA starts from the same factors in every run (as each single run would)
-        trainables = [stage.trainable.split(bundle.unet_params)[0]] * count
-        lora_frozen = stage.trainable.split(bundle.unet_params)[1]
+        lora_start, lora_frozen = stage.trainable.split(bundle.unet_params)
+        trainables = [lora_start] * count
         teacher, compose_teacher, frozen_in = cast_tree(lora_frozen, teacher_dtype), None, lora_frozen
     else:  # each run's teacher: its own subset before this stage, joined to the shared rest
         trainables = start_own
@@ -105,13 +103,12 @@ def train_stage_batched(stage, cfgs: list, bundle: Bundle, start_own: list[dict]
     example = _put_stacked(sample(0), mesh)
     shard = lambda tree: jax.device_put(tree, mesh_lib.tree_shardings(tree, mesh))
     frozen_in, proj_params = shard(frozen_in), shard(proj_params)
-    teacher = (jax.device_put(teacher[0], jax.tree_util.tree_map(
-        lambda leaf: NamedSharding(mesh, P("concept", *([None] * (leaf.ndim - 1)))), teacher[0])),
-        shard(teacher[1])) if compose_teacher else shard(teacher)
+    on_concepts = lambda tree: jax.tree_util.tree_map(lambda leaf: concept_sharding(mesh, leaf.ndim), tree)
+    teacher = (jax.device_put(teacher[0], on_concepts(teacher[0])), shard(teacher[1])) if compose_teacher \
+        else shard(teacher)
     jitted = jit_batched_step(batched_step(step_fn, compose_teacher), mesh, init, frozen_in, teacher, proj_params,
                               example, teacher_per_concept=compose_teacher is not None)
-    state_sh = jax.tree_util.tree_map(lambda leaf: NamedSharding(mesh, P("concept", *([None] * (leaf.ndim - 1)))),
-                                      init)
+    state_sh = on_concepts(init)
     abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), init, state_sh)
     state = restore_checkpoint(manager, abstract)
     state = jax.device_put(init, state_sh) if state is None else state

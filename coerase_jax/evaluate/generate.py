@@ -63,6 +63,9 @@ def generate(sampler: Sampler, rows: list[PromptRow], folder: str | Path, unet_p
     todo = [r for r in rows if r.case not in done]
     if done:
         print(f"{name or folder}: {len(done)} of {len(rows)} images already generated, {len(todo)} to go")
+    manifest = folder / MANIFEST
+    # after a line cut short by an interruption, start a new line rather than extend it
+    cut = leader and manifest.is_file() and manifest.stat().st_size and not manifest.read_bytes().endswith(b"\n")
     chunk = sampler.batch_size * BATCHES_PER_CHUNK
     for start in range(0, len(todo), chunk):
         part = todo[start:start + chunk]
@@ -74,12 +77,10 @@ def generate(sampler: Sampler, rows: list[PromptRow], folder: str | Path, unet_p
                 _save(image, folder / f"{row.case}.png")
                 lines.append(json.dumps({"case": row.case, "prompt": row.prompt, "seed": row.seed,
                                          "file": f"{row.case}.png"}))
-            manifest = folder / MANIFEST
-            # after a line cut short by an interruption, start a new line rather than extend it
-            cut = manifest.is_file() and manifest.stat().st_size and not manifest.read_bytes().endswith(b"\n")
             with manifest.open("a", encoding="utf-8") as handle:
                 handle.write("\n" * bool(cut) + "\n".join(lines) + "\n")
                 handle.flush()
                 os.fsync(handle.fileno())
+            cut = False
     distributed.barrier("evaluation images written")
     return np.stack([np.asarray(Image.open(folder / f"{r.case}.png").convert("RGB")) for r in rows])

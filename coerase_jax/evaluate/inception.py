@@ -7,7 +7,8 @@ last block's pool branch. Weights are read from a local file with pytorch-fid's 
 as ``.safetensors`` or ``.npz``. Nothing is downloaded; make the file once where torch is::
 
     python -c "import torch, safetensors.torch as st; \\
-      st.save_file(torch.load('pt_inception-2015-12-05-6726825d.pth'), 'inception_fid.safetensors')"
+      st.save_file(torch.load('pt_inception-2015-12-05-6726825d.pth', weights_only=True), \\
+      'inception_fid.safetensors')"
 
 and pass ``--config.eval.inception=inception_fid.safetensors``. Input: images in [0, 1], resized
 bilinearly to 299² and scaled to [-1, 1], as pytorch-fid does.

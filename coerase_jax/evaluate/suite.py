@@ -33,7 +33,7 @@ from coerase_jax.parallel import distributed
 
 
 def bundle_folder(bundle) -> Path:
-    return presets.materialise(bundle.source) if presets.is_preset(bundle.source) else Path(bundle.source)
+    return presets.source_folder(bundle.source)
 
 
 def is_toyworld(bundle) -> bool:

@@ -221,7 +221,7 @@ def load_bundle(source: str, *, ip_adapter: str | None = None, image_encoder: st
                 precision: Precision = Precision(), allow_pickle: bool = False,
                 with_image_parts: bool = True) -> Bundle:
     """Loads a bundle from a diffusers-layout folder or a preset name (see module docstring)."""
-    root = presets.materialise(source) if presets.is_preset(source) else Path(source).expanduser()
+    root = presets.source_folder(source)
     if not root.is_dir():
         raise UserError(f"model source {source!r} is neither a folder nor a preset ({', '.join(presets.PRESETS)})")
     unet, unet_params = load_unet(_component_dir(root, "unet"), precision, allow_pickle)

@@ -196,6 +196,11 @@ def cache_root() -> Path:
     return Path(os.environ.get("COERASE_CACHE", Path.home() / ".cache" / "coerase_jax"))
 
 
+def source_folder(source: str) -> Path:
+    """The folder a model source names: a preset's (materialised) or the given path."""
+    return materialise(source) if is_preset(source) else Path(source).expanduser()
+
+
 def materialise(name: str, seed: int = 0) -> Path:
     """The preset's folder: the shipped small world, or (``tiny``) a cache folder written first if
     absent (atomically: temp dir + rename)."""

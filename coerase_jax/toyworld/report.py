@@ -131,7 +131,7 @@ def format_joint_table(report: dict) -> str:
 def _bundle_folder(bundle) -> Path:
     from coerase_jax.models import presets
 
-    return presets.materialise(bundle.source) if presets.is_preset(bundle.source) else Path(bundle.source)
+    return presets.source_folder(bundle.source)
 
 
 def _grid_columns(images: dict[str, np.ndarray], per_prompt: int, shape: str) -> list[tuple[str, np.ndarray]]:
