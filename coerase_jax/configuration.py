@@ -222,7 +222,7 @@ def base_config(source: str) -> ml_collections.ConfigDict:
         "grid": (),  # (("dotted.config.key", (value, ...)), ...)
         "report": True,  # judge each finished cell when report.kind names a judge
         # train a grid point's concepts side by side in one program when their trainable part
-        # stacks (esd-x / esd-x-strict in every stage, or a one-stage LoRA); else one after another
+        # stacks (esd-x / esd-x-strict in every stage, or a LoRA); else one after another
         "batch_concepts": True,
     })
     config.report = ml_collections.ConfigDict({

@@ -67,19 +67,23 @@ def test_a_killed_sweep_resumes_without_redoing_finished_cells(tiny_bundle, tmp_
     assert (tmp_path / "sweep.md").read_text().startswith("| cell | concept | text_stage.learning_rate | loss_text |")
 
 
-@pytest.mark.parametrize("full", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["text", "both-killed"])
-def test_a_grid_points_concepts_side_by_side_equal_separate_runs(tiny_bundle, tmp_path, full):
+@pytest.mark.parametrize("variant", ["text", pytest.param("both-killed", marks=pytest.mark.slow), "lora-both"])
+def test_a_grid_points_concepts_side_by_side_equal_separate_runs(tiny_bundle, tmp_path, variant):
     """Two concepts on esd-x, trained in one program, end exactly where two separate runs end, each
-    as an ordinary finished run. The slow variant runs both stages and kills the group in the image
-    stage (its teacher is each concept's own text-stage result) before resuming it."""
+    as an ordinary finished run. ``both-killed`` (slow) runs both stages and kills the group in the
+    image stage (its teacher is each concept's own text-stage result) before resuming it;
+    ``lora-both``: a rank-2 LoRA in both stages (the image stage trains on top of each concept's own
+    text-stage LoRA)."""
     from coerase_jax.configuration import config_from_run
     from coerase_jax.erase.trainer import final_params
 
+    full = variant != "text"
     stages = "('text','image')" if full else "('text',)"
     overrides = [f"--config.erase.stages={stages}", "--config.text_stage.subset=esd-x",
                  "--config.image_stage.subset=esd-x", "--config.image_stage.steps=3", "--config.optim.name=sgd",
                  "--config.text_stage.learning_rate=0.5", "--config.image_stage.learning_rate=0.5",
-                 "--config.data.num_references=4", "--config.checkpoint.every=1"]
+                 "--config.data.num_references=4", "--config.checkpoint.every=1",
+                 f"--config.erase.lora_rank={2 if variant == 'lora-both' else 0}"]
     config = load_config(str(REPO / "configs" / "sweep_tiny.py"),
                          ["--config.text_stage.steps=3", "--config.erase.ddim_steps=4", *overrides])
     with config.unlocked():
@@ -91,7 +95,7 @@ def test_a_grid_points_concepts_side_by_side_equal_separate_runs(tiny_bundle, tm
         if stage == "image" and step == 2:
             raise Killed
 
-    if full:
+    if variant == "both-killed":
         with pytest.raises(Killed):
             run_sweep(config, tiny_bundle, tmp_path / "together", progress=False, mesh=mesh,
                       on_step=kill_in_image_stage)

@@ -31,21 +31,26 @@ def unstack(tree, count: int) -> list:
     return [jax.tree_util.tree_map(lambda leaf, k=k: leaf[k], tree) for k in range(count)]
 
 
-def batched_step(step_fn, compose_teacher=None):
+def batched_step(step_fn, compose_teacher=None, compose_frozen=None):
     """(stacked state, frozen, teacher, proj_params, stacked batch) -> (stacked state, stacked metrics).
 
     ``step_fn`` must be built without a mesh (its sharding constraints are per concept). With
     ``compose_teacher``, each concept has its own teacher: ``teacher`` is then a pair (stacked own
     part, shared rest) joined by ``compose_teacher(own, rest)`` — a later stage's teacher is that
-    concept's earlier result, which differs from the others only in the trained subset."""
-    if compose_teacher is None:
-        return jax.vmap(step_fn, in_axes=(0, None, None, None, 0))
+    concept's earlier result, which differs from the others only in the trained subset.
+    ``compose_frozen`` does the same for the frozen weights (a later LoRA stage trains on top of each
+    concept's earlier LoRA)."""
 
-    def with_own_teacher(state, frozen, teacher, proj_params, batch):
-        own, rest = teacher
-        return step_fn(state, frozen, compose_teacher(own, rest), proj_params, batch)
+    def per_concept(state, frozen, teacher, proj_params, batch):
+        if compose_frozen is not None:
+            frozen = compose_frozen(*frozen)
+        if compose_teacher is not None:
+            teacher = compose_teacher(*teacher)
+        return step_fn(state, frozen, teacher, proj_params, batch)
 
-    return jax.vmap(with_own_teacher, in_axes=(0, None, (0, None), None, 0))
+    own_and_shared = lambda compose: None if compose is None else (0, None)
+    return jax.vmap(per_concept, in_axes=(0, own_and_shared(compose_frozen), own_and_shared(compose_teacher),
+                                          None, 0))
 
 
 def concept_sharding(mesh, rank: int) -> NamedSharding:
@@ -59,10 +64,11 @@ def concept_batch_sharding(mesh, rank: int) -> NamedSharding:
 
 
 def jit_batched_step(step, mesh, state, frozen, teacher, proj_params, batch, donate: bool = True,
-                     teacher_per_concept: bool = False):
+                     teacher_per_concept: bool = False, frozen_per_concept: bool = False):
     """``jax.jit`` of ``batched_step(...)`` with explicit shardings; shapes only are read from the
-    arguments (arrays or ShapeDtypeStructs). ``teacher_per_concept``: the teacher is a pair
-    (stacked own part, shared rest), as ``batched_step(..., compose_teacher)`` takes it."""
+    arguments (arrays or ShapeDtypeStructs). ``teacher_per_concept`` / ``frozen_per_concept``: that
+    argument is a pair (stacked own part, shared rest), as ``batched_step(..., compose_teacher /
+    compose_frozen)`` takes it."""
     count = jax.tree_util.tree_leaves(state)[0].shape[0]
     if count % mesh.shape["concept"]:
         raise UserError(f"{count} concepts do not divide over the mesh's concept axis ({mesh.shape['concept']})")
@@ -70,9 +76,9 @@ def jit_batched_step(step, mesh, state, frozen, teacher, proj_params, batch, don
     # The batch: concepts over ``concept``, each concept's examples over data x fsdp.
     batch_sh = jax.tree_util.tree_map(lambda leaf: concept_batch_sharding(mesh, leaf.ndim), batch)
     metrics_sh = NamedSharding(mesh, P("concept"))
-    teacher_sh = ((stacked(teacher[0]), mesh_lib.tree_shardings(teacher[1], mesh)) if teacher_per_concept
-                  else mesh_lib.tree_shardings(teacher, mesh))
-    in_shardings = (stacked(state), mesh_lib.tree_shardings(frozen, mesh), teacher_sh,
-                    mesh_lib.tree_shardings(proj_params, mesh), batch_sh)
+    own_and_shared = lambda tree, per_concept: ((stacked(tree[0]), mesh_lib.tree_shardings(tree[1], mesh))
+                                                if per_concept else mesh_lib.tree_shardings(tree, mesh))
+    in_shardings = (stacked(state), own_and_shared(frozen, frozen_per_concept),
+                    own_and_shared(teacher, teacher_per_concept), mesh_lib.tree_shardings(proj_params, mesh), batch_sh)
     return jax.jit(step, in_shardings=in_shardings, out_shardings=(stacked(state), metrics_sh),
                    donate_argnums=(0,) if donate else ())

@@ -11,7 +11,9 @@ checkpoint (unstacked), ``metrics.jsonl`` and ``done.json`` — so export, eval,
 sweep's skip logic treat each concept exactly like a run trained alone.
 
 Only small trainable parts are stacked: all stages ``esd-x`` / ``esd-x-strict`` (the same in each
-stage), or a LoRA with one stage; anything else (and several hosts) runs one after another.
+stage), or a LoRA (a later LoRA stage trains on top of each run's earlier LoRA, which is stacked
+beside the shared base and added in the step); anything else (and several hosts) runs one after
+another.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from tqdm.auto import tqdm
 
 from coerase_jax.configuration import to_json
 from coerase_jax.diffusion.schedule import NoiseSchedule
+from coerase_jax.erase import lora as lora_lib
 from coerase_jax.erase import subsets
 from coerase_jax.erase.batched import (batched_step, concept_batch_sharding, concept_sharding, jit_batched_step,
                                        stack, unstack)
@@ -58,8 +61,6 @@ def why_not_batched(cfgs: list, mesh=None) -> str | None:
         return "joint erasures"
     stages = plan_stages(cfgs[0])
     lora = cfgs[0].erase.lora_rank > 0
-    if lora and len(stages) > 1:
-        return "a LoRA with two stages (the second starts from the first's merged weights)"
     if not lora and (len({s.subset for s in stages}) > 1 or stages[0].subset not in STACKABLE_SUBSETS):
         return f"subset {'/'.join(s.subset for s in stages)} (stackable: {', '.join(STACKABLE_SUBSETS)} or LoRA)"
     if mesh is not None and len(cfgs) % mesh.shape["concept"]:
@@ -74,16 +75,26 @@ def _put_stacked(batches: list[Batch], mesh) -> Batch:
 
 
 def train_stage_batched(stage, cfgs: list, bundle: Bundle, start_own: list[dict], frozen: dict, datas: list,
-                        group_dir: Path, mesh, progress: bool = True, on_step=None) -> list[dict]:
-    """One stage for K runs at once; returns each run's trained part (its subset, or its LoRA)."""
+                        group_dir: Path, mesh, progress: bool = True, on_step=None,
+                        earlier_loras: list[dict] | None = None) -> list[dict]:
+    """One stage for K runs at once; returns each run's trained part (its subset, or its LoRA).
+
+    ``earlier_loras``: each run's LoRA from its earlier stages (scale folded in); this stage's
+    frozen weights and teacher are then base + that LoRA, as a single run's merged weights."""
     count, config = len(cfgs), cfgs[0]
     lora = stage.trainable.lora_rank > 0
     optimizer = optimizer_for(config, stage)
     teacher_dtype = DTYPES[config.erase.teacher_dtype]
+    compose_frozen = None
     if lora:  # the LoRA starts from the same factors in every run (as each single run would)
-        lora_start, lora_frozen = stage.trainable.split(bundle.unet_params)
+        lora_start, base = stage.trainable.split(bundle.unet_params)
         trainables = [lora_start] * count
-        teacher, compose_teacher, frozen_in = cast_tree(lora_frozen, teacher_dtype), None, lora_frozen
+        if earlier_loras:
+            frozen_in = teacher = (stack(earlier_loras), base)
+            compose_frozen = lambda earlier, base: lora_lib.apply_lora(base, earlier, 1.0)
+            compose_teacher = lambda earlier, base: cast_tree(compose_frozen(earlier, base), teacher_dtype)
+        else:
+            teacher, compose_teacher, frozen_in = cast_tree(base, teacher_dtype), None, base
     else:  # each run's teacher: its own subset before this stage, joined to the shared rest
         trainables = start_own
         teacher = (cast_tree(stack(start_own), teacher_dtype), cast_tree(frozen, teacher_dtype))
@@ -102,12 +113,14 @@ def train_stage_batched(stage, cfgs: list, bundle: Bundle, start_own: list[dict]
     sample = lambda step: [sample_batch(d, c.erase.seed, step, batch_size) for d, c in zip(datas, cfgs)]
     example = _put_stacked(sample(0), mesh)
     shard = lambda tree: jax.device_put(tree, mesh_lib.tree_shardings(tree, mesh))
-    frozen_in, proj_params = shard(frozen_in), shard(proj_params)
     on_concepts = lambda tree: jax.tree_util.tree_map(lambda leaf: concept_sharding(mesh, leaf.ndim), tree)
-    teacher = (jax.device_put(teacher[0], on_concepts(teacher[0])), shard(teacher[1])) if compose_teacher \
-        else shard(teacher)
-    jitted = jit_batched_step(batched_step(step_fn, compose_teacher), mesh, init, frozen_in, teacher, proj_params,
-                              example, teacher_per_concept=compose_teacher is not None)
+    place = lambda tree, per_concept: ((jax.device_put(tree[0], on_concepts(tree[0])), shard(tree[1]))
+                                       if per_concept else shard(tree))
+    frozen_in, proj_params = place(frozen_in, compose_frozen is not None), shard(proj_params)
+    teacher = place(teacher, compose_teacher is not None)
+    jitted = jit_batched_step(batched_step(step_fn, compose_teacher, compose_frozen), mesh, init, frozen_in, teacher,
+                              proj_params, example, teacher_per_concept=compose_teacher is not None,
+                              frozen_per_concept=compose_frozen is not None)
     state_sh = on_concepts(init)
     abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), init, state_sh)
     state = restore_checkpoint(manager, abstract)
@@ -197,13 +210,17 @@ def run_batched(cfgs: list, bundle: Bundle, group_dir: str | Path, progress: boo
             d.image_embeds = reference_embeddings(c, bundle, Path(c.run_dir), progress, mesh)
     own, frozen = stages[0].trainable.split(bundle.unet_params)
     owns = [own] * len(cfgs)
+    earlier_loras = [[] for _ in cfgs]  # each run's finished LoRA stages, scale folded in
     for stage in stages:
         if all(stage_done(stage, Path(c.run_dir)) for c in cfgs):
             print(f"[{stage.name}] already finished for all {len(cfgs)} runs; loading their results")
             starts = [stage.trainable.compose(o, frozen) for o in owns] if not stage.trainable.lora_rank \
                 else [bundle.unet_params] * len(cfgs)
             owns = [load_stage_trainable(stage, c, s, Path(c.run_dir))[0] for c, s in zip(cfgs, starts)]
-            continue
-        owns = train_stage_batched(stage, cfgs, bundle, owns, frozen, datas, group_dir, mesh, progress,
-                                   None if on_step is None else
-                                   lambda i, *a: on_step(cfgs[i].run_dir, *a))
+        else:
+            owns = train_stage_batched(stage, cfgs, bundle, owns, frozen, datas, group_dir, mesh, progress,
+                                       None if on_step is None else lambda i, *a: on_step(cfgs[i].run_dir, *a),
+                                       [lora_lib.concatenate(e) for e in earlier_loras] if earlier_loras[0] else None)
+        if stage.trainable.lora_rank:
+            for earlier, own in zip(earlier_loras, owns):
+                earlier.append(lora_lib.scaled(own, stage.trainable.lora_scale))
