@@ -201,7 +201,8 @@ def run_bench(config, compile_only: bool = False) -> dict[str, Any]:
         "lora_rank": stage.trainable.lora_rank,  # 0: the subset's weights are trained
         "settings": {"dtype": config.model.dtype, "teacher_dtype": config.erase.teacher_dtype,
                      "remat": config.model.remat, "attention_impl": config.model.attention_impl or "default",
-                     "donate": config.bench.donate},
+                     "donate": config.bench.donate, "zt_sampler": config.erase.zt_sampler,
+                     "first_moment_dtype": config.optim.first_moment_dtype},
         "compile_s": round(compile_s, 2),
         "step_s_median": None,
         "step_s_mean": None,

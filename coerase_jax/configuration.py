@@ -213,6 +213,9 @@ def base_config(source: str) -> ml_collections.ConfigDict:
         "warmup_steps": 0,
         "clip_norm": 0.0,  # 0 = no clipping
         "weight_decay": 0.0,
+        # Adam's first moment stored as float32 or bfloat16 (half its memory; the second moment
+        # stays float32, whose range it needs)
+        "first_moment_dtype": "float32",
     })
     config.mesh = ml_collections.ConfigDict({"concept": 1, "data": -1, "fsdp": 1, "tensor": 1})
     config.checkpoint = ml_collections.ConfigDict({"every": 100, "keep": 3, "async_save": True})

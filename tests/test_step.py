@@ -160,3 +160,20 @@ def test_snapshots_share_one_trajectory_and_match_separate_runs():
                                                     "esd-x", ddim_steps=4)
     _, metrics = jax.jit(step)(state, frozen, teacher, proj, micro_batch(2))
     assert np.isfinite(float(metrics["loss"]))
+
+
+def test_bf16_first_moment_halves_adams_first_moment_only():
+    from coerase_jax.erase.step import make_optimizer
+
+    params = {"w": jnp.linspace(-1.0, 1.0, 64, dtype=jnp.float32)}
+    grads = {"w": jnp.cos(jnp.arange(64, dtype=jnp.float32))}
+    full, half = (make_optimizer("adam", 1e-2, 10, first_moment_dtype=d) for d in ("float32", "bfloat16"))
+    state_full, state_half = full.init(params), half.init(params)
+    assert state_half[0].mu["w"].dtype == jnp.bfloat16 and state_half[0].nu["w"].dtype == jnp.float32
+    assert state_full[0].mu["w"].dtype == jnp.float32
+    for _ in range(3):  # the same updates, to bf16's precision
+        up_full, state_full = full.update(grads, state_full, params)
+        up_half, state_half = half.update(grads, state_half, params)
+        np.testing.assert_allclose(np.asarray(up_half["w"]), np.asarray(up_full["w"]), rtol=2e-2, atol=1e-5)
+    with pytest.raises(UserError, match="first_moment_dtype"):
+        make_optimizer("adam", 1e-2, 10, first_moment_dtype="float16")

@@ -86,7 +86,8 @@ class StepSettings:
 
 def make_optimizer(name: str, learning_rate: float, total_steps: int, schedule: str = "constant",
                    warmup_steps: int = 0, clip_norm: float = 0.0, weight_decay: float = 0.0,
-                   b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> optax.GradientTransformation:
+                   b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+                   first_moment_dtype: str = "float32") -> optax.GradientTransformation:
     if schedule == "constant":
         lr = optax.constant_schedule(learning_rate)
     elif schedule == "cosine":
@@ -97,10 +98,13 @@ def make_optimizer(name: str, learning_rate: float, total_steps: int, schedule: 
         raise UserError(f"optim.schedule must be constant, cosine or linear, got {schedule!r}")
     if warmup_steps:
         lr = optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps), lr], [warmup_steps])
+    if first_moment_dtype not in ("float32", "bfloat16"):
+        raise UserError(f"optim.first_moment_dtype must be float32 or bfloat16, got {first_moment_dtype!r}")
+    mu_dtype = jnp.dtype(first_moment_dtype)
     if name == "adam":
-        opt = optax.adam(lr, b1=b1, b2=b2, eps=eps)
+        opt = optax.adam(lr, b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
     elif name == "adamw":
-        opt = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
+        opt = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mu_dtype=mu_dtype)
     elif name == "sgd":
         opt = optax.sgd(lr)
     else:

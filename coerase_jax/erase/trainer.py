@@ -83,7 +83,7 @@ def plan_stages(config) -> list[Stage]:
 def optimizer_for(config, stage: Stage):
     o = config.optim
     return make_optimizer(o.name, stage.learning_rate, stage.steps, o.schedule, o.warmup_steps, o.clip_norm,
-                          o.weight_decay)
+                          o.weight_decay, first_moment_dtype=o.first_moment_dtype)
 
 
 # --------------------------------------------------------------------------- data
