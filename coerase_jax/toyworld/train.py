@@ -5,11 +5,12 @@ Order (each part's inputs are the earlier parts' outputs):
 1. renders: N labelled images of the world;
 2. VAE: 32x32x3 -> 8x8x4 (reconstruction + a small KL); its scaling factor makes latents unit-std;
 3. CLIP: text and vision towers trained contrastively on coloured captions, an image and a caption
-   matching when they show the same (shape, colour);
+   matching when they show the same (shape, colour) (optionally the text positions after the pooled
+   one also learn to pick the images of their shape, ``clip_every_position``);
 4. UNet: epsilon prediction on the cached latents, conditioned on the text tower's hidden states of
    a random caption of the image (optionally some without the colour, ``colourless_fraction``) and
-   10 % empty captions, for classifier-free guidance; the text
-   tower stays frozen, as in SD (``TrainPlan.finetune_text`` is the option tried against it);
+   10 % empty captions, for classifier-free guidance; the text tower stays frozen, as in SD
+   (``TrainPlan.finetune_text`` is the option tried against it);
 5. IP-Adapter: image projection + per-layer image K/V on the frozen UNet, conditioned on the
    CLIP image embedding of the same image (half the time without text);
 6. classifier: shape (or none) and colour, on renders and on VAE reconstructions.
@@ -68,13 +69,26 @@ class TrainPlan:
     classifier_steps: int = 600
     classifier_batch: int = 128
     uncond_fraction: float = 0.1
-    # Captions without a colour word ("a circle") for the UNet and IP-Adapter (the CLIP towers always
-    # train on coloured captions only). 0 in the shipped model. Tried (see the #4 notes): 0.3 from
-    # scratch drew "a <colour> square" right only 62 % of the time and "a circle" 56 %; on a UNet
-    # fine-tuned that way, erasing the concept prompt "a circle" left "a red circle" untouched.
+    # Captions without a colour word ("a circle": a circle of any colour) for the UNet and IP-Adapter,
+    # so that the concept prompt can name the shape alone, as "nudity" does in SD (the CLIP towers
+    # train on coloured captions only). 0 in the shipped model. Tried at 0.3 with the shipped tower:
+    # "a <colour> square" came out right only 62 % of the time; with ``clip_every_position``: see there.
     colourless_fraction: float = 0.0
-    # Off in the shipped model. Tried once with colourless 0.2 at lr 1e-3: "a <colour> circle" then
-    # drew a circle 38 % of the time.
+    # Off in the shipped model. On: the text tower's positions after the pooled one (SD pads with the
+    # end-of-text token) also learn to pick the images of their caption's *shape*. Why (#4): ESD
+    # changes how the UNet reads the concept prompt's hidden states, so what those share with other
+    # prompts is erased too; in the shipped tower the later positions of "a red circle" are closer to
+    # "a red square" (cosine 1.0) than to "a blue circle" (0.93), and erasing circles erases colours.
+    # On, they are 0.3-0.66 vs 1.0. Built with colourless 0.3 (1449 s) it draws the asked shape and
+    # colour as well (circle 0.906, others 0.898), but erasure keeps the same trade-off: with concept
+    # prompt "a circle" and lr 1e-4, Co-Erasing leaves circles in 0.31 of images and the other shapes
+    # fall to 0.65 right (mostly wrong colours, from the image stage); lr 5e-5 on the image stage:
+    # 0.58 / 0.84. (Matching shape + colour at every position was worse: 0.55 vs -0.35.)
+    clip_every_position: bool = False
+    # (Colourless captions for the CLIP towers as well were tried: at 25 % the text tower ignored the
+    # shape word altogether — "a circle" vs "a square" 0.005 mean |difference| — matching by colour only.)
+    # Tried once with colourless 0.2 at lr 1e-3 (before ``clip_every_position``): "a <colour> circle"
+    # then drew a circle 38 % of the time.
     finetune_text: bool = False  # train the text tower with the UNet (SD froze it)
 
     @classmethod
@@ -220,19 +234,29 @@ def train_clip(renders: Renders, captions: CaptionTable, text_encoder: CLIPTextE
     preprocess = ClipPreprocess(size=image_encoder.config.image_size)
     eos = text_encoder.config.eos_token_id
 
+    def normalise(x):
+        return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
     def loss_fn(params, batch, key):
         images, ids, image_shape, image_colour, text_shape, text_colour = batch
-        image_embeds = image_encoder.apply({"params": params["vision"]}, preprocess(images))
+        image_embeds = normalise(image_encoder.apply({"params": params["vision"]}, preprocess(images)))
         hidden = text_encoder.apply({"params": params["text"]}, ids)
-        text_embeds = pooled_output(hidden, ids, eos) @ params["text_projection"]["kernel"]
-        image_embeds = image_embeds / jnp.linalg.norm(image_embeds, axis=-1, keepdims=True)
-        text_embeds = text_embeds / jnp.linalg.norm(text_embeds, axis=-1, keepdims=True)
-        logits = jnp.exp(jnp.minimum(params["logit_scale"], math.log(100.0))) * image_embeds @ text_embeds.T
+        scale = jnp.exp(jnp.minimum(params["logit_scale"], math.log(100.0)))
+        project = lambda h: normalise(h @ params["text_projection"]["kernel"])
+        logits = scale * image_embeds @ project(pooled_output(hidden, ids, eos)).T
         match = ((image_shape[:, None] == text_shape[None, :])
                  & ((text_colour[None, :] < 0) | (image_colour[:, None] == text_colour[None, :]))).astype(jnp.float32)
         to_text = -jnp.sum(match / match.sum(1, keepdims=True) * jax.nn.log_softmax(logits, axis=1), axis=1)
         to_image = -jnp.sum(match / match.sum(0, keepdims=True) * jax.nn.log_softmax(logits, axis=0), axis=0)
-        return 0.5 * (jnp.mean(to_text) + jnp.mean(to_image))
+        loss = 0.5 * (jnp.mean(to_text) + jnp.mean(to_image))
+        if plan.clip_every_position:  # each end-of-text/padding position picks the images of its shape
+            per_position = scale * jnp.einsum("id,tld->tli", image_embeds, project(hidden))
+            same_shape = (image_shape[:, None] == text_shape[None, :]).astype(jnp.float32)
+            target = (same_shape / same_shape.sum(0, keepdims=True)).T[:, None, :]  # (text, 1, image)
+            position_loss = -jnp.sum(target * jax.nn.log_softmax(per_position, axis=-1), axis=-1)
+            weight = (ids == eos).astype(jnp.float32)
+            loss = loss + jnp.sum(position_loss * weight) / jnp.sum(weight)
+        return loss
 
     def next_batch(step):
         rng = _batch_rng(plan.seed, "clip", step)
@@ -249,10 +273,8 @@ def train_unet(latents: np.ndarray, labels: np.ndarray, text_encoder: CLIPTextEn
                captions: CaptionTable, schedule: NoiseSchedule, plan: TrainPlan, progress: bool) -> dict:
     """Returns {"unet": ..., "text": ...}; the text tower is frozen unless ``plan.finetune_text``.
 
-    Why one might fine-tune it: the contrastive tower's hidden states are dominated by the colour
-    word (mean |difference| "a red circle" vs "a red square" 0.003, vs "a circle" 1.06), and with
-    colourless captions in training a UNet on the frozen tower still drew the same images for "a
-    circle", "a square" and "".
+    Fine-tuning was tried when the tower carried the shape only at the noun and the pooled position
+    (before ``clip_every_position``); it did not help (see ``TrainPlan.finetune_text``).
     """
     unet = UNet(presets.WORLD_UNET)
     params = {"unet": unet.init_params(jax.random.PRNGKey(plan.seed + 2))}
