@@ -100,7 +100,7 @@ def make_optimizer(name: str, learning_rate: float, total_steps: int, schedule: 
         lr = optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps), lr], [warmup_steps])
     if first_moment_dtype not in ("float32", "bfloat16"):
         raise UserError(f"optim.first_moment_dtype must be float32 or bfloat16, got {first_moment_dtype!r}")
-    mu_dtype = jnp.dtype(first_moment_dtype)
+    mu_dtype = jnp.bfloat16 if first_moment_dtype == "bfloat16" else None  # None: the parameters' (fp32)
     if name == "adam":
         opt = optax.adam(lr, b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
     elif name == "adamw":
