@@ -195,7 +195,7 @@ def cmd_bench(args, config) -> None:
 def cmd_toyworld(args, config) -> None:
     from coerase_jax.toyworld.train import TrainPlan, build_world_model
 
-    plan = TrainPlan.quick() if args.quick else TrainPlan(seed=args.seed)
+    plan = (TrainPlan.quick() if args.quick else TrainPlan(seed=args.seed)).with_overrides(args.plan or [])
     start = time.perf_counter()
     out = build_world_model(args.out, plan)
     print(f"wrote the small world's SD stack to {out} in {time.perf_counter() - start:.0f}s")
@@ -246,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     toyworld.add_argument("--out", required=True, help="output folder (diffusers layout); resumes finished parts")
     toyworld.add_argument("--seed", type=int, default=0)
     toyworld.add_argument("--quick", action="store_true", help="a few steps of each part, to check the chain")
+    toyworld.add_argument("--plan", action="append", metavar="FIELD=VALUE",
+                          help="change a TrainPlan field (repeatable), e.g. --plan clip_every_position=true")
     toyworld.add_argument("--config", default=DEFAULT_CONFIG, help=argparse.SUPPRESS)
     return parser
 

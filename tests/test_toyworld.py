@@ -193,3 +193,15 @@ def test_report_figures_are_the_judges_fractions():
     assert figures["other_accuracy"] == 0.875
     assert figures["images"] == {"circle": 8, "paraphrase": 24, "square": 8, "triangle": 8}
     assert len(images["paraphrase"]) == 24
+
+
+def test_plan_overrides_change_the_named_fields_and_refuse_unknown_ones():
+    from coerase_jax.errors import UserError
+    from coerase_jax.toyworld.train import TrainPlan
+
+    plan = TrainPlan().with_overrides(["unet_steps=2000", "clip_every_position=true", "colourless_fraction=0.3"])
+    assert (plan.unet_steps, plan.clip_every_position, plan.colourless_fraction) == (2000, True, 0.3)
+    assert plan.clip_steps == TrainPlan().clip_steps  # the rest unchanged
+    for bad in ("unet_step=3", "unet_steps", "unet_steps=many", "clip_every_position=maybe"):
+        with pytest.raises(UserError):
+            TrainPlan().with_overrides([bad])

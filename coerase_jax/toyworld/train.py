@@ -91,6 +91,26 @@ class TrainPlan:
     # then drew a circle 38 % of the time.
     finetune_text: bool = False  # train the text tower with the UNet (SD froze it)
 
+    def with_overrides(self, pairs: list[str]) -> "TrainPlan":
+        """``["unet_steps=2000", "clip_every_position=true"]`` -> a plan with those fields changed."""
+        fields = {f.name: f.type for f in dataclasses.fields(self)}
+        changes = {}
+        for pair in pairs:
+            key, sep, text = pair.partition("=")
+            if not sep or key not in fields:
+                raise UserError(f"--plan takes FIELD=VALUE with FIELD one of {', '.join(fields)}; got {pair!r}")
+            kind = fields[key]
+            try:
+                if kind == "bool":
+                    if text.lower() not in ("true", "false", "1", "0"):
+                        raise ValueError(text)
+                    changes[key] = text.lower() in ("true", "1")
+                else:
+                    changes[key] = {"int": int, "float": float}[kind](text)
+            except ValueError:
+                raise UserError(f"--plan {key}: {text!r} is not a {kind}") from None
+        return dataclasses.replace(self, **changes)
+
     @classmethod
     def quick(cls) -> "TrainPlan":
         """A few steps of everything: checks the whole chain in about a minute (not a useful model)."""
