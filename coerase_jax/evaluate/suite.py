@@ -32,12 +32,8 @@ from coerase_jax.models import presets
 from coerase_jax.parallel import distributed
 
 
-def bundle_folder(bundle) -> Path:
-    return presets.source_folder(bundle.source)
-
-
 def is_toyworld(bundle) -> bool:
-    return (bundle_folder(bundle) / "evaluator" / "classifier.safetensors").is_file()
+    return (presets.source_folder(bundle.source) / "evaluator" / "classifier.safetensors").is_file()
 
 
 def evaluation_rows(config, bundle) -> list[PromptRow]:
@@ -58,7 +54,7 @@ def make_judge(config, bundle, scorer):
         kind = ("toyworld" if is_toyworld(bundle) else "nudenet" if concept_class(config) == "nudity"
                 else "clip" if ev.clip_classes else "none")
     if kind == "toyworld":
-        return detectors.ToyworldJudge(bundle_folder(bundle), concept_class(config))
+        return detectors.ToyworldJudge(presets.source_folder(bundle.source), concept_class(config))
     if kind == "clip":
         if scorer is None:
             raise UserError("the clip judge needs eval.clip_text (a CLIPTextModelWithProjection folder) and an "
@@ -75,7 +71,8 @@ def make_scorer(config, bundle):
     """A CLIP scorer when a text tower with projection and the bundle's image encoder are at hand."""
     from coerase_jax.evaluate.clip_score import ClipScorer
 
-    folder = Path(config.eval.clip_text) if config.eval.clip_text else bundle_folder(bundle) / "evaluator" / "clip_text"
+    folder = (Path(config.eval.clip_text) if config.eval.clip_text
+              else presets.source_folder(bundle.source) / "evaluator" / "clip_text")
     if config.eval.clip_text and not folder.is_dir():
         raise UserError(f"eval.clip_text: no folder {folder}")
     if bundle.image is None or not folder.is_dir():

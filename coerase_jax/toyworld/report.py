@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 
 from coerase_jax.diffusion.pipeline import Sampler
 from coerase_jax.errors import UserError
+from coerase_jax.models import presets
 from coerase_jax.parallel import distributed
 from coerase_jax.toyworld import world
 from coerase_jax.toyworld.classifier import Judge
@@ -67,7 +68,7 @@ def compare(bundle, models: dict[str, dict], shape: str, config_report, out_dir:
     """Evaluates each named UNet, writes ``report.json`` and ``grid.png`` to ``out_dir``; returns the report."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    judge = Judge(_bundle_folder(bundle))
+    judge = Judge(presets.source_folder(bundle.source))
     sampler = Sampler(bundle, config_report.steps, config_report.guidance_scale, batch_size=64)
     methods, grids = {}, {}
     for name, params in models.items():
@@ -90,7 +91,7 @@ def compare_joint(bundle, models: dict[str, dict], shapes: list[str], config_rep
     """A joint erasure of several shapes: for each erased shape its named/paraphrase rates, and the
     accuracy on every shape that was not erased; writes ``report.json``."""
     out_dir = Path(out_dir)
-    judge = Judge(_bundle_folder(bundle))
+    judge = Judge(presets.source_folder(bundle.source))
     sampler = Sampler(bundle, config_report.steps, config_report.guidance_scale, batch_size=64)
     remaining = [s for s in world.SHAPES if s not in shapes]
     methods = {}
@@ -126,12 +127,6 @@ def format_joint_table(report: dict) -> str:
         lines.append(f"{f'{shape} (not erased) right':34s}" + "".join(f"{m['remaining'][shape]:14.3f}"
                                                                      for m in methods.values()))
     return "\n".join(lines)
-
-
-def _bundle_folder(bundle) -> Path:
-    from coerase_jax.models import presets
-
-    return presets.source_folder(bundle.source)
 
 
 def _grid_columns(images: dict[str, np.ndarray], per_prompt: int, shape: str) -> list[tuple[str, np.ndarray]]:
