@@ -205,3 +205,22 @@ def test_plan_overrides_change_the_named_fields_and_refuse_unknown_ones():
     for bad in ("unet_step=3", "unet_steps", "unet_steps=many", "clip_every_position=maybe"):
         with pytest.raises(UserError):
             TrainPlan().with_overrides([bad])
+
+
+def test_token_identity_loss_counts_the_words_only_and_rewards_states_pointing_at_their_token():
+    from coerase_jax.toyworld.train import token_identity_loss
+
+    vocab, eos = 6, 5
+    table = np.eye(vocab, 8, dtype=np.float32) * 0.3  # orthogonal rows; the norm must not matter (cosine)
+    ids = np.array([[4, 1, 2, eos, eos], [4, 3, eos, eos, eos]])
+    own = 7.0 * table[ids]  # each state points at its own token, at another norm
+    own[ids == eos] = np.random.default_rng(0).normal(size=(5, 8))  # from the end-of-text token on: ignored
+    # by hand: cosine 1 to its own row, 0 to the other five -> -log(e^10 / (e^10 + 5))
+    expected = np.log1p(5 * np.exp(-10.0))
+    np.testing.assert_allclose(token_identity_loss(own, table, ids, eos), expected, atol=1e-6)
+    shared = np.broadcast_to(table[4] + table[1], own.shape)  # every word the same state, as the shipped tower
+    # cosine 1/sqrt2 to tokens 4 and 1, 0 to the rest; the words are 4,1,2 and 4,3: three score c = 10/sqrt2,
+    # two score 0, each against a partition 2 e^c + 4
+    c = 10.0 / np.sqrt(2.0)
+    expected = np.log(2 * np.exp(c) + 4) - 3 * c / 5
+    np.testing.assert_allclose(token_identity_loss(shared, table, ids, eos), expected, rtol=1e-5)

@@ -85,6 +85,11 @@ class TrainPlan:
     # fall to 0.65 right (mostly wrong colours, from the image stage); lr 5e-5 on the image stage:
     # 0.58 / 0.84. (Matching shape + colour at every position was worse: 0.55 vs -0.35.)
     clip_every_position: bool = False
+    # Off in the shipped model. On: every position before the end-of-text token also names its own
+    # token (cosine logits against the tied token-embedding table). Why (#4): without it the tower leaves
+    # the word positions almost identical (cosine 0.95-0.99 between "circle", "yellow", "square" and
+    # the start token), so any ESD edit of the K/V projections along them is an edit of every prompt.
+    clip_token_identity: bool = False
     # (Colourless captions for the CLIP towers as well were tried: at 25 % the text tower ignored the
     # shape word altogether — "a circle" vs "a square" 0.005 mean |difference| — matching by colour only.)
     # Tried once with colourless 0.2 at lr 1e-3 (before ``clip_every_position``): "a <colour> circle"
@@ -238,6 +243,18 @@ def encode_latents(vae, params, images_uint8: np.ndarray, scale: float, batch: i
                            for i in range(0, len(images_uint8), batch)])
 
 
+def token_identity_loss(hidden: jax.Array, token_table: jax.Array, ids: jax.Array, eos_id: int,
+                        scale: float = 10.0) -> jax.Array:
+    """Mean cross-entropy of each position before the end-of-text token naming its own token, by the
+    cosine of its hidden state to each row of the token table at a fixed ``scale``: a cosine, not a
+    dot product, so the state must point its own way rather than differ a little along a big norm."""
+    unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+    log_probs = jax.nn.log_softmax(scale * unit(hidden) @ unit(token_table).T, axis=-1)
+    own = jnp.take_along_axis(log_probs, ids[..., None], axis=-1)[..., 0]
+    before_end = (jnp.cumsum(ids == eos_id, axis=-1) == 0).astype(jnp.float32)
+    return -jnp.sum(own * before_end) / jnp.sum(before_end)
+
+
 def train_clip(renders: Renders, captions: CaptionTable, text_encoder: CLIPTextEncoder,
                image_encoder: CLIPImageEncoder, plan: TrainPlan, progress: bool) -> dict:
     """Contrastive training; every caption true of an image counts as its match (a colourless caption
@@ -276,6 +293,8 @@ def train_clip(renders: Renders, captions: CaptionTable, text_encoder: CLIPTextE
             position_loss = -jnp.sum(target * jax.nn.log_softmax(per_position, axis=-1), axis=-1)
             weight = (ids == eos).astype(jnp.float32)
             loss = loss + jnp.sum(position_loss * weight) / jnp.sum(weight)
+        if plan.clip_token_identity:
+            loss = loss + token_identity_loss(hidden, CLIPTextEncoder.token_table(params["text"]), ids, eos)
         return loss
 
     def next_batch(step):
