@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     toyworld.add_argument("--seed", type=int, default=0)
     toyworld.add_argument("--quick", action="store_true", help="a few steps of each part, to check the chain")
     toyworld.add_argument("--plan", action="append", metavar="FIELD=VALUE",
-                          help="change a TrainPlan field (repeatable), e.g. --plan clip_every_position=true")
+                          help="change a TrainPlan field (repeatable), e.g. --plan clip_token_identity=false")
     toyworld.add_argument("--config", default=DEFAULT_CONFIG, help=argparse.SUPPRESS)
     return parser
 

@@ -16,7 +16,7 @@ from coerase_jax.toyworld import world
 def get_config():
     config = load_config_file(str(Path(__file__).with_name("toyworld.py")))
     config.run_dir = "runs/joint_toyworld"
-    config.concept.joint = tuple((shape, tuple(world.named_prompts(shape))) for shape in ("circle", "square"))
+    config.concept.joint = tuple((shape, tuple(world.concept_prompts(shape))) for shape in ("circle", "square"))
     config.concept.joint_sampling = "per_example"
     config.concept.name = "circle+square"
     return config

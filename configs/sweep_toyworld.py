@@ -11,6 +11,6 @@ from coerase_jax.toyworld import world
 
 def get_config():
     config = load_config_file(str(Path(__file__).with_name("toyworld.py")))
-    config.sweep.concepts = tuple((shape, tuple(world.named_prompts(shape))) for shape in world.SHAPES)
+    config.sweep.concepts = tuple((shape, tuple(world.concept_prompts(shape))) for shape in world.SHAPES)
     config.sweep.grid = (("erase.eta", (1.0, 2.0)),)
     return config

@@ -8,6 +8,7 @@ on paraphrases that never say "circle", and on every other shape.
 """
 
 from coerase_jax.configuration import base_config
+from coerase_jax.toyworld import world
 
 
 def get_config():
@@ -19,21 +20,24 @@ def get_config():
 
     config.run_dir = "runs/toyworld"
     config.concept.name = "circle"
-    # The shipped model never saw a caption without a colour, so "a circle" alone is not a circle to it
-    # (it draws mostly triangles); the concept prompts name the shape in each colour instead.
-    config.concept.prompts = ("a red circle", "a green circle", "a blue circle", "a yellow circle")
-    config.concept.reference_prompts = ("a red circle", "a green circle", "a blue circle", "a yellow circle")
+    # The concept named alone, as "nudity" is in SD, in the three templates the world's captions use:
+    # a colour word in the concept prompt would be erased with the shape (every red thing with "a red
+    # circle"). References: circles of every colour.
+    config.concept.prompts = tuple(world.concept_prompts("circle"))  # "a circle", "a photo of a circle", ...
+    config.concept.reference_prompts = tuple(world.named_prompts("circle"))  # "a red circle", ...
     config.data.num_references = 32
     config.data.reference_steps = 25
     config.data.reference_guidance = 3.0
     config.data.reference_batch_size = 32
     config.erase.ddim_steps = 25
     config.erase.batch_size = 4
-    # Only the cross-attention K/V: gentler on the other shapes than esd-x, esd-u or larger steps,
-    # which also erase the colour words the concept prompts contain (see the #4 note).
+    # Only the cross-attention K/V: gentler on the other shapes than esd-x or esd-u (see the #4 notes).
     config.text_stage.subset = config.image_stage.subset = "esd-x-strict"
     config.text_stage.steps = config.image_stage.steps = 200
-    config.text_stage.learning_rate = config.image_stage.learning_rate = 3e-5
+    # A light text stage (the baseline, and where the image stage starts) and a stronger image stage:
+    # text lr 1e-4 erased as much but cost the triangles 6 points already in the text stage (#4 note).
+    config.text_stage.learning_rate = 3e-5
+    config.image_stage.learning_rate = 1.5e-4
     config.checkpoint.every = 100
     config.log.every = 10
 

@@ -105,32 +105,46 @@ def test_image_prompts_steer_generation(world_bundle, judge):
     assert np.mean([(s == sc.shape) and (c == sc.colour) for s, c, sc in zip(shapes, colours, scenes)]) >= 0.7
 
 
-def test_main_job_erases_circles_and_keeps_the_other_shapes(tmp_path):
-    """`coerase erase --out DIR` on the default config, judged on fewer images than the default, in a
-    process with one CPU device, as README runs it (the tests' 8 simulated devices would not divide
-    the default erase batch of 4).
-
-    The bounds are what the shipped model reaches today (see the #4 note), not the issue's targets
-    (<= 10 % / 20 % and <= 5 points), which it does not meet yet.
-    """
-    out = tmp_path / "toyworld"
+def _main_job(out, images_per_prompt: int):
+    """`coerase erase --out DIR` on the default config, in a process with one CPU device, as README
+    runs it (the tests' 8 simulated devices would not divide the default erase batch of 4)."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     done = subprocess.run([sys.executable, "-m", "coerase_jax.cli", "erase", "--out", str(out),
-                           "--config.report.images_per_prompt=6", "--config.checkpoint.every=1000"],
+                           f"--config.report.images_per_prompt={images_per_prompt}", "--config.checkpoint.every=1000"],
                           env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-2000:]
-    report = json.loads((out / "report.json").read_text())
-    original, text_only, co_erasing = (report["methods"][m] for m in ("original", "text_only", "co_erasing"))
-    assert report["concept"] == "circle" and original["images"] == {"circle": 24, "paraphrase": 72, "square": 24,
-                                                                    "triangle": 24}
-    assert original["erased_rate_named"] >= 0.9 and original["erased_rate_paraphrase"] >= 0.9
-    # the image stage erases beyond the text stage, for the named prompts and for the paraphrases
-    assert co_erasing["erased_rate_named"] <= original["erased_rate_named"] - 0.25
-    assert co_erasing["erased_rate_paraphrase"] <= original["erased_rate_paraphrase"] - 0.25
-    assert co_erasing["erased_rate_named"] < text_only["erased_rate_named"] <= original["erased_rate_named"]
-    assert co_erasing["other_accuracy"] >= original["other_accuracy"] - 0.2
-    assert text_only["other_accuracy"] >= original["other_accuracy"] - 0.1
     assert (out / "grid.png").is_file() and "co_erasing" in done.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["concept"] == "circle"
+    n = 4 * images_per_prompt
+    assert report["methods"]["original"]["images"] == {"circle": n, "paraphrase": 3 * n, "square": n, "triangle": n}
+    return tuple(report["methods"][m] for m in ("original", "text_only", "co_erasing"))
+
+
+def test_main_job_erases_circles_and_keeps_the_other_shapes(tmp_path):
+    """The main job judged on 6 images a prompt (24 a group). Bounds a little looser than the issue's
+    targets (each image here is 4 points of a shape's accuracy); the slow test below checks the
+    targets on the default 16 a prompt."""
+    original, text_only, co_erasing = _main_job(tmp_path / "toyworld", images_per_prompt=6)
+    assert original["erased_rate_named"] >= 0.9 and original["erased_rate_paraphrase"] >= 0.9
+    # Co-Erasing erases circles, named and paraphrased; the text stage alone hardly does
+    assert co_erasing["erased_rate_named"] <= 0.15 and co_erasing["erased_rate_paraphrase"] <= 0.25
+    assert text_only["erased_rate_named"] >= co_erasing["erased_rate_named"] + 0.5
+    assert text_only["erased_rate_paraphrase"] >= co_erasing["erased_rate_paraphrase"] + 0.5
+    for shape in ("square", "triangle"):  # and the other shapes hold
+        assert co_erasing["per_shape"][shape] >= original["per_shape"][shape] - 0.1, shape
+        assert text_only["per_shape"][shape] >= original["per_shape"][shape] - 0.1, shape
+
+
+@pytest.mark.slow  # ~3.5 min: the main job as README runs it
+def test_main_job_meets_the_issue_targets(tmp_path):
+    """Issue #4's targets on the default 64 images a group: the erased shape in <= 10 % of images
+    for prompts naming it and <= 20 % for paraphrases; each other shape's accuracy falls <= 5 points."""
+    original, _, co_erasing = _main_job(tmp_path / "toyworld", images_per_prompt=16)
+    assert original["erased_rate_named"] >= 0.9 and original["erased_rate_paraphrase"] >= 0.9
+    assert co_erasing["erased_rate_named"] <= 0.10 and co_erasing["erased_rate_paraphrase"] <= 0.20
+    for shape in ("square", "triangle"):
+        assert co_erasing["per_shape"][shape] >= original["per_shape"][shape] - 0.05, shape
 
 
 @pytest.mark.slow  # ~2 min, compile-bound (six parts); kept out of the default run for its time budget
@@ -199,8 +213,8 @@ def test_plan_overrides_change_the_named_fields_and_refuse_unknown_ones():
     from coerase_jax.errors import UserError
     from coerase_jax.toyworld.train import TrainPlan
 
-    plan = TrainPlan().with_overrides(["unet_steps=2000", "clip_every_position=true", "colourless_fraction=0.3"])
-    assert (plan.unet_steps, plan.clip_every_position, plan.colourless_fraction) == (2000, True, 0.3)
+    plan = TrainPlan().with_overrides(["unet_steps=2000", "clip_every_position=false", "colourless_fraction=0.1"])
+    assert (plan.unet_steps, plan.clip_every_position, plan.colourless_fraction) == (2000, False, 0.1)
     assert plan.clip_steps == TrainPlan().clip_steps  # the rest unchanged
     for bad in ("unet_step=3", "unet_steps", "unet_steps=many", "clip_every_position=maybe"):
         with pytest.raises(UserError):

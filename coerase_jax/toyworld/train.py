@@ -5,10 +5,11 @@ Order (each part's inputs are the earlier parts' outputs):
 1. renders: N labelled images of the world;
 2. VAE: 32x32x3 -> 8x8x4 (reconstruction + a small KL); its scaling factor makes latents unit-std;
 3. CLIP: text and vision towers trained contrastively on coloured captions, an image and a caption
-   matching when they show the same (shape, colour) (optionally the text positions after the pooled
-   one also learn to pick the images of their shape, ``clip_every_position``);
+   matching when they show the same (shape, colour); the text positions after the pooled one also
+   learn to pick the images of their shape (``clip_every_position``) and the word positions to name
+   their own token (``clip_token_identity``);
 4. UNet: epsilon prediction on the cached latents, conditioned on the text tower's hidden states of
-   a random caption of the image (optionally some without the colour, ``colourless_fraction``) and
+   a random caption of the image (30 % without the colour, ``colourless_fraction``) and
    10 % empty captions, for classifier-free guidance; the text tower stays frozen, as in SD
    (``TrainPlan.finetune_text`` is the option tried against it);
 5. IP-Adapter: image projection + per-layer image K/V on the frozen UNet, conditioned on the
@@ -54,7 +55,8 @@ IMAGE_TOKENS = 4
 
 @dataclasses.dataclass(frozen=True)
 class TrainPlan:
-    """Steps and batch sizes of each part. The defaults are what the shipped model was built with."""
+    """Steps, batch sizes and options of each part. The defaults are what the shipped model was built
+    with (its VAE and classifier reused from an identical earlier build: ``build.json`` says "reused")."""
 
     seed: int = 0
     num_images: int = 20000
@@ -71,29 +73,22 @@ class TrainPlan:
     uncond_fraction: float = 0.1
     # Captions without a colour word ("a circle": a circle of any colour) for the UNet and IP-Adapter,
     # so that the concept prompt can name the shape alone, as "nudity" does in SD (the CLIP towers
-    # train on coloured captions only). 0 in the shipped model. Tried at 0.3 with the shipped tower:
-    # "a <colour> square" came out right only 62 % of the time; with ``clip_every_position``: see there.
-    colourless_fraction: float = 0.0
-    # Off in the shipped model. On: the text tower's positions after the pooled one (SD pads with the
-    # end-of-text token) also learn to pick the images of their caption's *shape*. Why (#4): ESD
-    # changes how the UNet reads the concept prompt's hidden states, so what those share with other
-    # prompts is erased too; in the shipped tower the later positions of "a red circle" are closer to
-    # "a red square" (cosine 1.0) than to "a blue circle" (0.93), and erasing circles erases colours.
-    # On, they are 0.3-0.66 vs 1.0. Built with colourless 0.3 (1449 s) it draws the asked shape and
-    # colour as well (circle 0.906, others 0.898), but erasure keeps the same trade-off: with concept
-    # prompt "a circle" and lr 1e-4, Co-Erasing leaves circles in 0.31 of images and the other shapes
-    # fall to 0.65 right (mostly wrong colours, from the image stage); lr 5e-5 on the image stage:
-    # 0.58 / 0.84. (Matching shape + colour at every position was worse: 0.55 vs -0.35.)
-    clip_every_position: bool = False
-    # Off in the shipped model. On: every position before the end-of-text token also names its own
-    # token (cosine logits against the tied token-embedding table). Why (#4): without it the tower leaves
-    # the word positions almost identical (cosine 0.95-0.99 between "circle", "yellow", "square" and
-    # the start token), so any ESD edit of the K/V projections along them is an edit of every prompt.
-    clip_token_identity: bool = False
-    # (Colourless captions for the CLIP towers as well were tried: at 25 % the text tower ignored the
-    # shape word altogether — "a circle" vs "a square" 0.005 mean |difference| — matching by colour only.)
-    # Tried once with colourless 0.2 at lr 1e-3 (before ``clip_every_position``): "a <colour> circle"
-    # then drew a circle 38 % of the time.
+    # train on coloured captions only: with colourless ones too, at 25 %, the tower matched by colour
+    # alone). Without it, the concept prompts must name colours and erasing "a red circle" erases red.
+    colourless_fraction: float = 0.3
+    # The text tower's positions after the pooled one (SD pads with the end-of-text token) also learn
+    # to pick the images of their caption's *shape*. Why (#4): ESD changes how the UNet reads the
+    # concept prompt's hidden states, so what those share with other prompts is erased too; without
+    # it the later positions of "a red circle" are closer to "a red square" (cosine 1.0) than to "a
+    # blue circle" (0.93). (Matching shape + colour at every position was worse: 0.55 vs -0.35.)
+    clip_every_position: bool = True
+    # Every position before the end-of-text token also names its own token (cosine logits against the
+    # tied token-embedding table). Why (#4): without it the tower leaves the word positions almost
+    # identical (cosine 0.95-0.99 between "circle", "yellow", "square" and the start token), so any
+    # ESD edit of the K/V projections along them is an edit of every prompt: with the two options
+    # above alone, erasing "a circle" left circles in 0.31 of images while the other shapes fell from
+    # 0.90 to 0.65 right; with this one too, 0.06 while they fall from 0.92 to 0.87 (#4 note).
+    clip_token_identity: bool = True
     finetune_text: bool = False  # train the text tower with the UNet (SD froze it)
 
     def with_overrides(self, pairs: list[str]) -> "TrainPlan":

@@ -27,8 +27,8 @@ PARAPHRASES = {
 }
 TEMPLATES = ("a {colour} {noun}", "a picture of a {colour} {noun}", "a photo of a {colour} {noun}",
              "{colour} {noun}")
-# Captions that leave the colour out ("a circle": a circle of any colour). Training uses them only
-# with TrainPlan.colourless_fraction > 0 (the shipped model was trained without them).
+# Captions that leave the colour out ("a circle": a circle of any colour): a share of the UNet's and
+# IP-Adapter's training captions (TrainPlan.colourless_fraction), and the concept prompts of erasure.
 COLOURLESS_TEMPLATES = ("a {noun}", "a picture of a {noun}", "a photo of a {noun}")
 _SUPERSAMPLE = 4
 
@@ -98,6 +98,11 @@ def all_captions() -> list[tuple[str, str, str | None]]:
                 for t in TEMPLATES]
     colourless = [(t.format(noun=n), s, None) for s in SHAPES for n in nouns(s) for t in COLOURLESS_TEMPLATES]
     return coloured + colourless
+
+
+def concept_prompts(shape: str) -> list[str]:
+    """The shape named alone, in every colourless template: what erasing it trains on."""
+    return [t.format(noun=NAMES[shape]) for t in COLOURLESS_TEMPLATES]
 
 
 def named_prompts(shape: str) -> list[str]:
