@@ -232,7 +232,7 @@ def test_token_identity_loss_counts_the_words_only_and_rewards_states_pointing_a
     # by hand: cosine 1 to its own row, 0 to the other five -> -log(e^10 / (e^10 + 5))
     expected = np.log1p(5 * np.exp(-10.0))
     np.testing.assert_allclose(token_identity_loss(own, table, ids, eos), expected, atol=1e-6)
-    shared = np.broadcast_to(table[4] + table[1], own.shape)  # every word the same state, as the shipped tower
+    shared = np.broadcast_to(table[4] + table[1], own.shape)  # every word the same state, as a tower without it
     # cosine 1/sqrt2 to tokens 4 and 1, 0 to the rest; the words are 4,1,2 and 4,3: three score c = 10/sqrt2,
     # two score 0, each against a partition 2 e^c + 4
     c = 10.0 / np.sqrt(2.0)
