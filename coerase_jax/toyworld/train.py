@@ -239,13 +239,16 @@ def encode_latents(vae, params, images_uint8: np.ndarray, scale: float, batch: i
                            for i in range(0, len(images_uint8), batch)])
 
 
+def _unit(x: jax.Array) -> jax.Array:
+    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
 def token_identity_loss(hidden: jax.Array, token_table: jax.Array, ids: jax.Array, eos_id: int,
                         scale: float = 10.0) -> jax.Array:
     """Mean cross-entropy of each position before the end-of-text token naming its own token, by the
     cosine of its hidden state to each row of the token table at a fixed ``scale``: a cosine, not a
     dot product, so the state must point its own way rather than differ a little along a big norm."""
-    unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
-    log_probs = jax.nn.log_softmax(scale * unit(hidden) @ unit(token_table).T, axis=-1)
+    log_probs = jax.nn.log_softmax(scale * _unit(hidden) @ _unit(token_table).T, axis=-1)
     own = jnp.take_along_axis(log_probs, ids[..., None], axis=-1)[..., 0]
     before_end = (jnp.cumsum(ids == eos_id, axis=-1) == 0).astype(jnp.float32)
     return -jnp.sum(own * before_end) / jnp.sum(before_end)
@@ -267,15 +270,12 @@ def train_clip(renders: Renders, captions: CaptionTable, text_encoder: CLIPTextE
     preprocess = ClipPreprocess(size=image_encoder.config.image_size)
     eos = text_encoder.config.eos_token_id
 
-    def normalise(x):
-        return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
-
     def loss_fn(params, batch, key):
         images, ids, image_shape, image_colour, text_shape, text_colour = batch
-        image_embeds = normalise(image_encoder.apply({"params": params["vision"]}, preprocess(images)))
+        image_embeds = _unit(image_encoder.apply({"params": params["vision"]}, preprocess(images)))
         hidden = text_encoder.apply({"params": params["text"]}, ids)
         scale = jnp.exp(jnp.minimum(params["logit_scale"], math.log(100.0)))
-        project = lambda h: normalise(h @ params["text_projection"]["kernel"])
+        project = lambda h: _unit(h @ params["text_projection"]["kernel"])
         logits = scale * image_embeds @ project(pooled_output(hidden, ids, eos)).T
         match = ((image_shape[:, None] == text_shape[None, :])
                  & ((text_colour[None, :] < 0) | (image_colour[:, None] == text_colour[None, :]))).astype(jnp.float32)
