@@ -15,7 +15,9 @@ from coerase_jax.erase import lora
 from coerase_jax.erase.trainer import final_lora, final_params, load_stage_trainable, plan_stages, run_erasure
 from coerase_jax.errors import UserError
 from coerase_jax.models import convert
+from coerase_jax.models.presets import TINY_UNET
 from coerase_jax.parallel.mesh import make_mesh
+from tolerance import assert_same_maths, unet_forward_roundings
 
 REPO = Path(__file__).resolve().parent.parent
 ATTN2 = ("down_blocks_0", "attentions_0", "transformer_blocks_0", "attn2")
@@ -47,6 +49,7 @@ def test_the_update_is_w_plus_scale_a_b():
     np.testing.assert_allclose(two["A"] @ two["B"], 3 * (a @ b))
 
 
+@pytest.mark.cross_program
 def test_export_uses_diffusers_names_and_reads_back(tiny_bundle, tmp_path):
     params = tiny_bundle.unet_params
     factors = lora.init_lora(params, "esd-x", 2, jax.random.PRNGKey(1))
@@ -61,9 +64,10 @@ def test_export_uses_diffusers_names_and_reads_back(tiny_bundle, tmp_path):
     back = lora.read_lora(path, params)
     expected, got = lora.apply_lora(params, factors, 3.0), lora.apply_lora(params, back, 1.0)
     for a, b in zip(jax.tree_util.tree_leaves(expected), jax.tree_util.tree_leaves(got)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+        assert_same_maths(b, a, 2 + 3)  # W + 3 (A B) vs W + A (3 B): a rank-2 product, a scaling, a sum
 
 
+@pytest.mark.cross_program
 def test_a_lora_erasure_exports_a_lora_that_reproduces_the_trained_unet(tiny_bundle, tmp_path):
     images = tmp_path / "refs"
     images.mkdir()
@@ -96,7 +100,9 @@ def test_a_lora_erasure_exports_a_lora_that_reproduces_the_trained_unet(tiny_bun
     out = lambda p: np.asarray(unet.apply({"params": p}, x, t, text))
     base, want, got = out(tiny_bundle.unet_params), out(trained), out(loaded)
     assert np.abs(want - base).max() > 1e-4, "the LoRA changed nothing: the comparison would be empty"
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    # the stages' updates added one after another vs as one concatenated LoRA: a few roundings per
+    # kernel, then the same forward compiled for other weights
+    assert_same_maths(got, want, unet_forward_roundings(TINY_UNET) + 8 * 8)
     # only the attention projections moved
     moved = [p for p, v in traverse_util.flatten_dict(trained).items()
              if not np.array_equal(np.asarray(v), np.asarray(traverse_util.flatten_dict(tiny_bundle.unet_params)[p]))]
