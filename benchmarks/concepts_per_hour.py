@@ -20,10 +20,9 @@ import jax
 import numpy as np
 
 from coerase_jax.configuration import apply_overrides, load_config
-from coerase_jax.diffusion.schedule import NoiseSchedule
 from coerase_jax.erase.batched import batched_step, stack
 from coerase_jax.erase.step import TrainState, build_step
-from coerase_jax.erase.trainer import ConceptData, encode_prompts, optimizer_for, plan_stages, sample_batch
+from coerase_jax.erase.trainer import ConceptData, encode_prompts, optimizer_for, plan_stages, sample_batch, zt_plan
 from coerase_jax.models.bundle import load_bundle
 
 
@@ -38,13 +37,13 @@ def measure(concepts: int, steps: int, subset: str, batch_size: int = 1) -> dict
     bundle = load_bundle("tiny")
     stage = plan_stages(config)[0]
     optimizer = optimizer_for(config, stage)
-    plan = NoiseSchedule.from_config(bundle.scheduler_config).ddim_plan(config.erase.ddim_steps)
+    plan = zt_plan(bundle.scheduler_config, config)
     step = build_step(bundle.unet, None, plan, stage.settings, optimizer, bundle.latent_shape,
                       compose=stage.trainable.compose)
     trainable, frozen = stage.trainable.split(bundle.unet_params)
     state = TrainState(np.zeros((), np.int32), trainable, optimizer.init(trainable))
     data = [_concept_data(bundle, config, (f"a photo of concept {k}", f"concept number {k}")) for k in range(concepts)]
-    batches = [[sample_batch(d, 0, i, batch_size) for i in range(steps)] for d in data]
+    batches = [[sample_batch(d, 0, stage.index, i, batch_size) for i in range(steps)] for d in data]
     teacher, proj = bundle.unet_params, {}
 
     one = jax.jit(step)

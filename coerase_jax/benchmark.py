@@ -4,12 +4,15 @@ What it reports (JSON schema, all keys always present; ``null`` where a backend 
 
     device_kind, num_devices, mesh            what ran, and how it was laid out
     shapes, batch_size, ddim_steps, settings  what was measured
+    concepts                                  K > 1: K concepts side by side in one program (each
+                                              its own trainable part and batch; FLOPs and iters
+                                              count all K)
     stage, subset, lora_rank                  what trains (lora_rank 0: the subset's own weights)
     compile_s                                 AOT compile of the erasure step
     step_s_median, step_s_mean                per iteration, after warm-up (null with --compile-only)
     iters_per_s                               1 / step_s_mean (throughput; the DDIM index is random)
     images_per_s                              sampler: images per second, N-step DDIM + CFG, UNet only
-    sampler_compile_s
+    sampler_compile_s                         (both null with bench.sampler off)
     flops_per_iter                            expected FLOPs of one iteration (see below)
     flops_zt_eval                             FLOPs of one z_t denoising evaluation (loop body)
     achieved_flops_per_s, mfu                 flops_per_iter / step_s_mean, and that over the peak
@@ -37,9 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from coerase_jax.diffusion.sampling import Conditioning, denoise, guided_eps
+from coerase_jax.erase.batched import batched_step, concept_batch_sharding, concept_sharding, jit_batched_step
 from coerase_jax.diffusion.schedule import NoiseSchedule
 from coerase_jax.erase.step import Batch, TrainState, build_step, denoiser, jit_step
-from coerase_jax.erase.trainer import optimizer_for, plan_stages
+from coerase_jax.erase.trainer import optimizer_for, plan_stages, zt_plan
 from coerase_jax.errors import UserError
 from coerase_jax.models.bundle import DTYPES, precision_from_config
 from coerase_jax.models.image_proj import ImageProjection
@@ -132,7 +136,7 @@ def run_bench(config, compile_only: bool = False) -> dict[str, Any]:
     unet = UNet(shapes.unet, with_image_kv=True, precision=precision)
     proj = ImageProjection(shapes.unet.cross_attention_dim, 4)
     optimizer = optimizer_for(config, stage)
-    plan = NoiseSchedule.from_config(SD_SCHEDULER).ddim_plan(config.erase.ddim_steps)
+    plan = zt_plan(SD_SCHEDULER, config)
     batch_size = config.erase.batch_size
     mesh_lib.batch_size_per_replica_check(batch_size, mesh)
     teacher_dtype = DTYPES[config.erase.teacher_dtype]
@@ -151,12 +155,25 @@ def run_bench(config, compile_only: bool = False) -> dict[str, Any]:
                   jax.ShapeDtypeStruct((batch_size, shapes.text_len), jnp.bool_),
                   jax.ShapeDtypeStruct((batch_size, shapes.embed_dim), f32) if settings.use_image else None)
 
+    concepts = config.bench.concepts
+    if concepts > 1:  # K concepts side by side: each its own trainable part, optimizer state and batch
+        stacked = lambda tree: jax.tree_util.tree_map(
+            lambda a: jax.ShapeDtypeStruct((concepts,) + a.shape, a.dtype), tree)
+        state, batch = stacked(state), stacked(batch)
     sh = lambda tree: mesh_lib.tree_shardings(tree, mesh)
-    batch_sh = jax.tree_util.tree_map(lambda _: mesh_lib.batch_sharding(mesh), batch)
-    args = (_abstract(state, sh(state)), _abstract(frozen, sh(frozen)), _abstract(teacher, sh(teacher)),
+    on_concepts = lambda tree: jax.tree_util.tree_map(lambda leaf: concept_sharding(mesh, leaf.ndim), tree)
+    state_sh = on_concepts(state) if concepts > 1 else sh(state)
+    batch_sh = jax.tree_util.tree_map(
+        lambda leaf: concept_batch_sharding(mesh, leaf.ndim) if concepts > 1 else mesh_lib.batch_sharding(mesh), batch)
+    args = (_abstract(state, state_sh), _abstract(frozen, sh(frozen)), _abstract(teacher, sh(teacher)),
             _abstract(proj_params, sh(proj_params)), _abstract(batch, batch_sh))
 
     def lower_step(unet_def):
+        if concepts > 1:
+            step_fn = build_step(unet_def, proj, plan, settings, optimizer, shapes.latent_shape, None,
+                                 compose=stage.trainable.compose)
+            return jit_batched_step(batched_step(step_fn), mesh, state, frozen, teacher, proj_params, batch,
+                                    donate=config.bench.donate).lower(*args)
         step_fn = build_step(unet_def, proj, plan, settings, optimizer, shapes.latent_shape, mesh,
                              compose=stage.trainable.compose)
         return jit_step(step_fn, mesh, state, frozen, teacher, proj_params, batch,
@@ -177,7 +194,7 @@ def run_bench(config, compile_only: bool = False) -> dict[str, Any]:
     x = jax.ShapeDtypeStruct((batch_size,) + shapes.latent_shape, f32)
     t = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
     body = jax.jit(lambda p, x, t, c, u: guided_eps(eps, p, x, t, c, u, settings.zt_guidance))
-    body_flops = _cost_flops(body.lower(sampler_params, x, t, cond, uncond))
+    body_flops = _cost_flops(body.lower(sampler_params, x, t, cond, uncond)) * concepts
     expected_loop = (plan.num_steps - 1) / 2
     flops_per_iter = _cost_flops(lower_step(flops_unet)) + (expected_loop - 1) * body_flops
     eps = denoiser(unet)
@@ -185,9 +202,14 @@ def run_bench(config, compile_only: bool = False) -> dict[str, Any]:
     concrete = None
     if not compile_only:
         concrete = _materialise(unet, proj, shapes, params, teacher_dtype, init_state, mesh, config, stage)
-    sample_plan = NoiseSchedule.from_config(SD_SCHEDULER).ddim_plan(config.sample.steps)
-    sampler = _sampler_bench(eps, sample_plan, params, shapes, mesh, config,
-                             None if concrete is None else concrete[4])
+        if concepts > 1:
+            concrete = (jax.device_put(jax.tree_util.tree_map(lambda a: jnp.stack([a] * concepts), concrete[0]),
+                                       state_sh),) + concrete[1:]
+    sampler = {"sampler_compile_s": None, "sampler_batch": None, "sampler_steps": None, "images_per_s": None}
+    if config.bench.sampler:
+        sample_plan = NoiseSchedule.from_config(SD_SCHEDULER).ddim_plan(config.sample.steps)
+        sampler = _sampler_bench(eps, sample_plan, params, shapes, mesh, config,
+                                 None if concrete is None else concrete[4])
 
     result = {
         "device_kind": jax.devices()[0].device_kind,
@@ -195,6 +217,7 @@ def run_bench(config, compile_only: bool = False) -> dict[str, Any]:
         "mesh": dict(mesh.shape),
         "shapes": shapes.name,
         "batch_size": batch_size,
+        "concepts": concepts,
         "ddim_steps": plan.num_steps,
         "stage": stage.name,
         "subset": stage.subset,
@@ -226,7 +249,7 @@ def run_bench(config, compile_only: bool = False) -> dict[str, Any]:
                          for a in batch))
     from coerase_jax.erase.trainer import put_batch
 
-    device_batch = put_batch(host_batch, mesh)
+    device_batch = (jax.device_put(host_batch, batch_sh) if concepts > 1 else put_batch(host_batch, mesh))
     times = []
     for i in range(config.bench.warmup + config.bench.steps):
         start = time.perf_counter()
@@ -308,7 +331,9 @@ def format_table(result: dict) -> str:
     gib = 1024 ** 3
     rows = [
         ("device", f"{result['device_kind']} x{result['num_devices']} mesh {result['mesh']}"),
-        ("shapes / batch", f"{result['shapes']} / {result['batch_size']} (DDIM N={result['ddim_steps']}, "
+        ("shapes / batch", f"{result['shapes']} / {result['batch_size']}"
+                           + (f" x {result['concepts']} concepts side by side" if result.get("concepts", 1) > 1 else "")
+                           + f" (DDIM N={result['ddim_steps']}, "
                            f"stage {result['stage']}, subset {result['subset']}"
                            + (f", LoRA rank {result['lora_rank']}" if result.get("lora_rank") else "") + ")"),
         ("settings", ", ".join(f"{k}={v}" for k, v in result["settings"].items())),

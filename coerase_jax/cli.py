@@ -286,7 +286,16 @@ def main(argv: list[str] | None = None) -> int:
 
             print(f"coerase: process {jax.process_index()} of {jax.process_count()} ({setup}), "
                   f"{jax.local_device_count()} of {jax.device_count()} devices here", flush=True)
+        from coerase_jax import compile_cache
+
+        cache = compile_cache.enable(config.compile.cache_dir)
+        counter = compile_cache.counter()
+        compiled_before, loaded_before = counter.counts()
         COMMANDS[args.command](args, config)
+        compiled, loaded = (now - before for now, before in zip(counter.counts(), (compiled_before, loaded_before)))
+        if distributed.is_leader():
+            where = f"the compilation cache in {cache}" if cache else "no compilation cache (compile.cache_dir=off)"
+            print(f"coerase: {compiled} programs compiled, {loaded} loaded from {where}")
     except UserError as err:
         print(f"coerase: error: {err}", file=sys.stderr)
         return 2

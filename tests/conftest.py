@@ -1,4 +1,6 @@
-"""Test set-up: 8 simulated CPU devices (set before jax loads) and a private preset cache."""
+"""Test set-up: 8 simulated CPU devices (set before jax loads), a private preset cache, and one
+compilation cache for the session (shared with the commands tests start), so a program that
+several tests compile alike is compiled once."""
 
 import os
 import tempfile
@@ -6,6 +8,10 @@ import tempfile
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("COERASE_CACHE", tempfile.mkdtemp(prefix="coerase-test-cache-"))
+os.environ.setdefault("COERASE_COMPILE_CACHE", tempfile.mkdtemp(prefix="coerase-test-xla-"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["COERASE_COMPILE_CACHE"])
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 
 import logging  # noqa: E402
 

@@ -23,7 +23,7 @@ def test_each_example_pairs_a_prompt_and_an_image_of_one_concept(per_step):
     data = _data(per_step)
     seen, mixed_batches = set(), 0
     for step in range(200):
-        batch = sample_batch(data, seed=3, step=step, batch_size=4)
+        batch = sample_batch(data, seed=3, stage=1, step=step, batch_size=4)
         p = batch.text[:, 0, 0].astype(int)
         i = batch.image_embeds[:, 0].astype(int)
         assert (data.prompt_concept[p] == data.image_concept[i]).all()
@@ -33,8 +33,8 @@ def test_each_example_pairs_a_prompt_and_an_image_of_one_concept(per_step):
     assert (mixed_batches == 0) if per_step else (mixed_batches > 100)
     # every prompt and every image of every concept gets drawn
     assert {p for p, _ in seen} == set(range(6)) and {i for _, i in seen} == set(range(8))
-    again = sample_batch(data, seed=3, step=7, batch_size=4)  # (seed, step) alone decide the batch
-    np.testing.assert_array_equal(again.text, sample_batch(data, 3, 7, 4).text)
+    again = sample_batch(data, seed=3, stage=1, step=7, batch_size=4)  # (seed, stage, step) alone decide the batch
+    np.testing.assert_array_equal(again.text, sample_batch(data, 3, 1, 7, 4).text)
 
 
 def test_joint_config_is_checked():

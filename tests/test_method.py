@@ -102,5 +102,5 @@ def test_gaussian_blur_matches_a_hand_convolution():
 
 def test_bin_timestep_stays_in_its_bin():
     for index in (0, 7, 49):
-        t = np.asarray(method.bin_timestep(jax.random.PRNGKey(index), jnp.int32(index), 50, 64))
+        t = np.asarray(method.bin_timestep(jax.random.PRNGKey(index), jnp.int32(index), 50, 64, 1000))
         assert t.min() >= index * 20 and t.max() < (index + 1) * 20

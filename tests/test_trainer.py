@@ -20,7 +20,7 @@ from coerase_jax.data import embeddings
 from coerase_jax.diffusion.schedule import NoiseSchedule
 from coerase_jax.erase.method import negative_guidance_target
 from coerase_jax.erase.step import denoiser
-from coerase_jax.erase.trainer import final_params, run_erasure
+from coerase_jax.erase.trainer import DAMAGED, final_params, run_erasure
 from coerase_jax.errors import UserError
 from coerase_jax.parallel.mesh import make_mesh
 from tolerance import assert_same_maths
@@ -260,3 +260,52 @@ def test_a_run_made_before_newer_config_keys_still_loads_with_their_defaults(uni
     assert config.erase.lora_rank == 0 and config.concept.joint == () and config.eval.judge == "auto"
     assert config.concept.prompts == tuple(saved["concept"]["prompts"])
     _assert_same_params(final_params(config, tiny_bundle), expected)
+
+
+def _copy_run(run_dir: Path, to: Path) -> None:
+    """A copy of a run directory that resumes where it lies (its config names its own folder)."""
+    shutil.copytree(run_dir, to)
+    saved = json.loads((to / "config.json").read_text())
+    (to / "config.json").write_text(json.dumps({**saved, "run_dir": str(to)}, indent=2, sort_keys=True))
+
+
+def _damage(checkpoint: Path) -> None:
+    rng = np.random.default_rng(0)
+    for file in (checkpoint / "state").rglob("*"):
+        if file.is_file():
+            file.write_bytes(rng.integers(0, 256, max(file.stat().st_size, 64), dtype=np.uint8).tobytes())
+
+
+def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(uninterrupted, tiny_bundle, image_dir, tmp_path,
+                                                                capsys):
+    run_dir, expected = uninterrupted
+    copy = tmp_path / "damaged"
+    _copy_run(run_dir, copy)
+    checkpoints = copy / "stage_image" / "checkpoints"
+    assert sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) == [5, 10, 15]
+    _damage(checkpoints / "15")
+    (copy / "stage_image" / "done.json").unlink()
+    config = load_config(str(REPO / "configs" / "tiny.py"), _overrides(copy, image_dir))
+    params = run_erasure(config, tiny_bundle, progress=False, mesh=_one_device())
+    out = capsys.readouterr().out
+    assert "checkpoint 15 in" in out and "does not read" in out and "[image] resuming from step 10" in out
+    assert (copy / "stage_image" / "damaged_checkpoints" / "15" / "state").is_dir()  # set aside, not deleted
+    _assert_same_params(params, expected)
+    _assert_same_params(_final(copy, tiny_bundle), expected)  # and the new step-15 checkpoint reads
+
+
+def test_no_readable_checkpoint_is_a_one_line_error_that_moves_nothing(uninterrupted, tiny_bundle, image_dir,
+                                                                      tmp_path):
+    run_dir, _ = uninterrupted
+    copy = tmp_path / "all_damaged"
+    _copy_run(run_dir, copy)
+    checkpoints = copy / "stage_image" / "checkpoints"
+    for step in (5, 10, 15):
+        _damage(checkpoints / str(step))
+    (copy / "stage_image" / "done.json").unlink()
+    config = load_config(str(REPO / "configs" / "tiny.py"), _overrides(copy, image_dir))
+    with pytest.raises(UserError, match="no checkpoint in .* reads .*step 15: .*step 10: .*step 5: ") as err:
+        run_erasure(config, tiny_bundle, progress=False, mesh=_one_device())
+    assert "\n" not in str(err.value)
+    assert sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) == [5, 10, 15]
+    assert not (copy / "stage_image" / DAMAGED).exists()

@@ -1,4 +1,5 @@
-"""DDIM sampling with classifier-free guidance and optional image tokens, as one jitted lax loop.
+"""DDIM (or ancestral DDPM) sampling with classifier-free guidance and optional image tokens, as
+one jitted lax loop.
 
 A denoiser is ``eps(params, x, t, text, image_tokens) -> noise``; guidance batches the conditional
 and unconditional branches into one UNet call. The number of steps to run may be a traced value,
@@ -12,7 +13,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from coerase_jax.diffusion.schedule import DDIMPlan, ddim_step
+from coerase_jax.diffusion.schedule import SamplingPlan
 
 Denoiser = Callable[..., jax.Array]  # (params, x, t, text_states, image_tokens | None) -> eps
 
@@ -38,28 +39,29 @@ def guided_eps(denoiser: Denoiser, params, x: jax.Array, t: jax.Array, cond: Con
     return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 
 
-def denoise(denoiser: Denoiser, params, latents: jax.Array, plan: DDIMPlan, cond: Conditioning,
+def denoise(denoiser: Denoiser, params, latents: jax.Array, plan: SamplingPlan, cond: Conditioning,
             uncond: Conditioning | None = None, guidance_scale: float | jax.Array = 1.0,
-            num_steps: int | jax.Array | None = None) -> jax.Array:
-    """Runs the first ``num_steps`` DDIM steps (all by default) from the noisiest timestep down.
+            num_steps: int | jax.Array | None = None, key: jax.Array | None = None) -> jax.Array:
+    """Runs the first ``num_steps`` sampling steps (all by default) from the noisiest timestep down.
 
     Returns the latent after those steps; with ``num_steps = i`` that is z at ``plan.timesteps[i]``
-    (or the clean sample when i = N).
+    (or the clean sample when i = N). An ancestral (DDPM) plan draws step k's noise from
+    ``fold_in(key, k)``.
     """
     stop = plan.num_steps if num_steps is None else num_steps
-    body = _ddim_body(denoiser, params, plan, cond, uncond, guidance_scale, latents.shape[0])
+    body = _step_body(denoiser, params, plan, cond, uncond, guidance_scale, latents.shape[0], key)
     return jax.lax.fori_loop(0, stop, body, latents)
 
 
-def denoise_with_snapshots(denoiser: Denoiser, params, latents: jax.Array, plan: DDIMPlan, cond: Conditioning,
+def denoise_with_snapshots(denoiser: Denoiser, params, latents: jax.Array, plan: SamplingPlan, cond: Conditioning,
                            uncond: Conditioning | None, guidance_scale: float | jax.Array,
-                           indices: jax.Array) -> jax.Array:
+                           indices: jax.Array, key: jax.Array | None = None) -> jax.Array:
     """One trajectory from the noisiest step, recording the latent after ``indices[j]`` steps.
 
     Returns (K, B, ...) with entry j equal to ``denoise(..., num_steps=indices[j])``; the loop runs
     ``max(indices)`` steps once instead of K separate trajectories.
     """
-    body = _ddim_body(denoiser, params, plan, cond, uncond, guidance_scale, latents.shape[0])
+    body = _step_body(denoiser, params, plan, cond, uncond, guidance_scale, latents.shape[0], key)
     at_start = (indices == 0).reshape((-1,) + (1,) * latents.ndim)
     snapshots = jnp.where(at_start, latents[None], jnp.zeros_like(latents)[None])
 
@@ -73,11 +75,15 @@ def denoise_with_snapshots(denoiser: Denoiser, params, latents: jax.Array, plan:
     return snapshots
 
 
-def _ddim_body(denoiser, params, plan, cond, uncond, guidance_scale, batch):
+def _step_body(denoiser, params, plan: SamplingPlan, cond, uncond, guidance_scale, batch, key):
+    if plan.ancestral and key is None:
+        raise ValueError("an ancestral (DDPM) plan needs a key for its noise")
+
     def body(k, x):
         t = jnp.full((batch,), plan.timesteps[k])
         eps = guided_eps(denoiser, params, x, t, cond, uncond, guidance_scale)
-        return ddim_step(x, eps, plan.alpha[k], plan.alpha_prev[k]).astype(x.dtype)
+        noise = jax.random.normal(jax.random.fold_in(key, k), x.shape, jnp.float32) if plan.ancestral else None
+        return plan.step(k, x, eps, noise).astype(x.dtype)
 
     return body
 

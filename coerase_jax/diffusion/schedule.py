@@ -1,10 +1,20 @@
-"""The DDPM noise schedule of a diffusers ``scheduler_config.json`` and the DDIM timestep plan.
+"""The DDPM noise schedule of a diffusers ``scheduler_config.json`` and the sampling plans.
 
-Matches diffusers' ``DDIMScheduler`` (eta = 0): for step k at timestep t_k with
-``prev = t_k - T // N`` the update is
+A config is read as diffusers' ``DDIMScheduler.from_config`` reads it: a key it leaves out takes
+that class's default (linear betas 1e-4..0.02, ``clip_sample`` and ``set_alpha_to_one`` on);
+SD's own configs set every key they need.
 
-    x0     = (x - sqrt(1 - a_t) eps) / sqrt(a_t)
+DDIM (eta = 0), as diffusers' ``DDIMScheduler``: for step k at timestep t_k with
+``prev = t_k - T // N``,
+
+    x0     = (x - sqrt(1 - a_t) eps) / sqrt(a_t)                    (clipped to +-r with clip_sample)
     x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev) eps,    a_prev = alphas_cumprod[prev] or the final alpha.
+
+DDPM's ancestral step, as diffusers' (torch) ``DDPMScheduler`` with ``variance_type`` fixed_small:
+
+    beta   = 1 - a_t / a_prev                                       (a_prev = 1 past the first timestep)
+    x_prev = sqrt(a_prev) beta / (1 - a_t) x0 + sqrt(1 - beta) (1 - a_prev) / (1 - a_t) x
+             + sqrt((1 - a_prev) / (1 - a_t) beta) noise            (no noise at t = 0)
 """
 
 from __future__ import annotations
@@ -17,13 +27,21 @@ import numpy as np
 
 from coerase_jax.errors import UserError
 
+# diffusers' DDIMScheduler defaults for keys a scheduler config leaves out.
+DIFFUSERS_DEFAULTS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+                      "clip_sample": True, "clip_sample_range": 1.0, "set_alpha_to_one": True, "steps_offset": 0,
+                      "prediction_type": "epsilon", "timestep_spacing": "leading", "thresholding": False,
+                      "rescale_betas_zero_snr": False, "variance_type": "fixed_small"}
+SAMPLERS = ("ddim", "ddpm")
+
 
 @dataclasses.dataclass(frozen=True)
 class NoiseSchedule:
     alphas_cumprod: np.ndarray  # (num_train_timesteps,)
     final_alpha_cumprod: float
-    steps_offset: int = 1
+    steps_offset: int = 0
     timestep_spacing: str = "leading"
+    clip_sample_range: float | None = None  # clip the predicted x0 to +-this (None: no clipping)
 
     @property
     def num_train_timesteps(self) -> int:
@@ -31,23 +49,31 @@ class NoiseSchedule:
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "NoiseSchedule":
-        steps = int(config.get("num_train_timesteps", 1000))
-        start, end = float(config.get("beta_start", 0.00085)), float(config.get("beta_end", 0.012))
-        kind = config.get("beta_schedule", "scaled_linear")
-        if kind == "scaled_linear":
+        get = lambda key: config[key] if config.get(key) is not None else DIFFUSERS_DEFAULTS[key]
+        steps = int(get("num_train_timesteps"))
+        start, end, kind = float(get("beta_start")), float(get("beta_end")), get("beta_schedule")
+        if config.get("trained_betas") is not None:
+            betas = np.asarray(config["trained_betas"], np.float64)
+        elif kind == "scaled_linear":
             betas = np.linspace(start ** 0.5, end ** 0.5, steps, dtype=np.float64) ** 2
         elif kind == "linear":
             betas = np.linspace(start, end, steps, dtype=np.float64)
         else:
             raise UserError(f"scheduler config: beta_schedule {kind!r} is not supported (scaled_linear, linear)")
-        if config.get("prediction_type", "epsilon") != "epsilon":
+        if get("prediction_type") != "epsilon":
             raise UserError("scheduler config: only prediction_type 'epsilon' (SD 1.x) is supported")
-        spacing = config.get("timestep_spacing", "leading")
+        for key in ("thresholding", "rescale_betas_zero_snr"):
+            if get(key):
+                raise UserError(f"scheduler config: {key}=true is not supported")
+        if get("variance_type") != "fixed_small":
+            raise UserError(f"scheduler config: variance_type {get('variance_type')!r} is not supported (fixed_small)")
+        spacing = get("timestep_spacing")
         if spacing not in ("leading", "trailing", "linspace"):
             raise UserError(f"scheduler config: timestep_spacing {spacing!r} is not supported")
         alphas_cumprod = np.cumprod(1.0 - betas).astype(np.float32)
-        final = 1.0 if config.get("set_alpha_to_one", False) else float(alphas_cumprod[0])
-        return cls(alphas_cumprod, final, int(config.get("steps_offset", 0)), spacing)
+        final = 1.0 if get("set_alpha_to_one") else float(alphas_cumprod[0])
+        clip = float(get("clip_sample_range")) if get("clip_sample") else None
+        return cls(alphas_cumprod, final, int(get("steps_offset")), spacing, clip)
 
     def ddim_timesteps(self, num_steps: int) -> np.ndarray:
         """The N sampling timesteps, noisiest first (diffusers' ``set_timesteps``)."""
@@ -60,33 +86,73 @@ class NoiseSchedule:
             ts = np.round(np.arange(total, 0, -total / num_steps)) - 1
         else:
             ts = np.linspace(0, total - 1, num_steps).round()[::-1]
+        if ts.max() >= total:
+            raise UserError(f"{num_steps} sampling steps with steps_offset {self.steps_offset} reach timestep "
+                            f"{int(ts.max())}, past the schedule's {total}")
         return ts.astype(np.int32)
 
-    def ddim_plan(self, num_steps: int) -> "DDIMPlan":
+    def plan(self, num_steps: int, sampler: str = "ddim") -> "SamplingPlan":
+        """N steps of ``sampler`` (ddim | ddpm) from the noisiest timestep down."""
+        if sampler not in SAMPLERS:
+            raise UserError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         ts = self.ddim_timesteps(num_steps)
         prev = ts - self.num_train_timesteps // num_steps
+        # DDIM's last step lands on the "final" alpha; DDPM's on 1 (a clean sample)
+        final = self.final_alpha_cumprod if sampler == "ddim" else 1.0
         alpha = self.alphas_cumprod[ts]
-        alpha_prev = np.where(prev >= 0, self.alphas_cumprod[np.clip(prev, 0, None)], self.final_alpha_cumprod)
-        return DDIMPlan(jnp.asarray(ts), jnp.asarray(alpha, jnp.float32), jnp.asarray(alpha_prev, jnp.float32))
+        alpha_prev = np.where(prev >= 0, self.alphas_cumprod[np.clip(prev, 0, None)], final)
+        return SamplingPlan(jnp.asarray(ts), jnp.asarray(alpha, jnp.float32), jnp.asarray(alpha_prev, jnp.float32),
+                            self.num_train_timesteps, self.clip_sample_range, ancestral=sampler == "ddpm")
+
+    def ddim_plan(self, num_steps: int) -> "SamplingPlan":
+        return self.plan(num_steps, "ddim")
 
 
 @dataclasses.dataclass(frozen=True)
-class DDIMPlan:
-    """Per sampling step k (noisiest first): timestep t_k, alphas_cumprod at t_k and at t_k's successor."""
+class SamplingPlan:
+    """Per sampling step k (noisiest first): timestep t_k, alphas_cumprod at t_k and at t_k's
+    successor; and how a step updates (DDIM, or DDPM's ancestral step when ``ancestral``)."""
 
     timesteps: jnp.ndarray
     alpha: jnp.ndarray
     alpha_prev: jnp.ndarray
+    num_train_timesteps: int = 1000
+    clip_sample_range: float | None = None
+    ancestral: bool = False
 
     @property
     def num_steps(self) -> int:
         return int(self.timesteps.shape[0])
 
+    def step(self, k, x: jnp.ndarray, eps: jnp.ndarray, noise: jnp.ndarray | None = None) -> jnp.ndarray:
+        """Sampling step k (a traced index is fine); ``noise`` is needed when ``ancestral``."""
+        if self.ancestral:
+            return ddpm_step(x, eps, self.alpha[k], self.alpha_prev[k], noise, self.timesteps[k] > 0,
+                             self.clip_sample_range)
+        return ddim_step(x, eps, self.alpha[k], self.alpha_prev[k], self.clip_sample_range)
 
-def ddim_step(x: jnp.ndarray, eps: jnp.ndarray, alpha: jnp.ndarray, alpha_prev: jnp.ndarray) -> jnp.ndarray:
-    """One deterministic DDIM update x_t -> x_prev given the predicted noise."""
+
+def predicted_x0(x: jnp.ndarray, eps: jnp.ndarray, alpha: jnp.ndarray, clip_range: float | None = None) -> jnp.ndarray:
     x0 = (x - jnp.sqrt(1.0 - alpha) * eps) / jnp.sqrt(alpha)
+    return x0 if clip_range is None else jnp.clip(x0, -clip_range, clip_range)
+
+
+def ddim_step(x: jnp.ndarray, eps: jnp.ndarray, alpha: jnp.ndarray, alpha_prev: jnp.ndarray,
+              clip_range: float | None = None) -> jnp.ndarray:
+    """One deterministic DDIM update x_t -> x_prev given the predicted noise."""
+    x0 = predicted_x0(x, eps, alpha, clip_range)
     return jnp.sqrt(alpha_prev) * x0 + jnp.sqrt(1.0 - alpha_prev) * eps
+
+
+def ddpm_step(x: jnp.ndarray, eps: jnp.ndarray, alpha: jnp.ndarray, alpha_prev: jnp.ndarray, noise: jnp.ndarray,
+              add_noise_here, clip_range: float | None = None) -> jnp.ndarray:
+    """One ancestral DDPM update x_t -> x_prev (fixed_small variance); no noise unless ``add_noise_here``."""
+    x0 = predicted_x0(x, eps, alpha, clip_range)
+    beta = 1.0 - alpha / alpha_prev
+    mean = (jnp.sqrt(alpha_prev) * beta / (1.0 - alpha) * x0
+            + jnp.sqrt(1.0 - beta) * (1.0 - alpha_prev) / (1.0 - alpha) * x)
+    variance = jnp.maximum((1.0 - alpha_prev) / (1.0 - alpha) * beta, 1e-20)
+    return mean + jnp.where(add_noise_here, jnp.sqrt(variance), 0.0) * noise
 
 
 def add_noise(x0: jnp.ndarray, noise: jnp.ndarray, alpha: jnp.ndarray) -> jnp.ndarray:

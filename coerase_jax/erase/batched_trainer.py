@@ -29,16 +29,15 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from coerase_jax.configuration import to_json
-from coerase_jax.diffusion.schedule import NoiseSchedule
 from coerase_jax.erase import lora as lora_lib
 from coerase_jax.erase import subsets
 from coerase_jax.erase.batched import (batched_step, concept_batch_sharding, concept_sharding, jit_batched_step,
                                        stack, unstack)
 from coerase_jax.erase.step import Batch, TrainState, build_step
-from coerase_jax.erase.trainer import (MetricsLog, Preempted, _Preemption, cast_tree, check_run_dir,
+from coerase_jax.erase.trainer import (LaggedMetrics, MetricsLog, Preempted, _Preemption, cast_tree, check_run_dir,
                                        checkpoint_manager, encode_prompts, load_stage_trainable, optimizer_for,
                                        plan_stages, reference_embeddings, restore_checkpoint, sample_batch,
-                                       save_checkpoint, stage_done)
+                                       save_checkpoint, stage_done, zt_plan)
 from coerase_jax.errors import UserError
 from coerase_jax.models.bundle import DTYPES, Bundle
 from coerase_jax.parallel import distributed
@@ -100,7 +99,7 @@ def train_stage_batched(stage, cfgs: list, bundle: Bundle, start_own: list[dict]
         teacher = (cast_tree(stack(start_own), teacher_dtype), cast_tree(frozen, teacher_dtype))
         compose_teacher, frozen_in = subsets.merge, frozen
     proj_params = bundle.image.proj_params if bundle.image is not None else {}
-    plan = NoiseSchedule.from_config(bundle.scheduler_config).ddim_plan(config.erase.ddim_steps)
+    plan = zt_plan(bundle.scheduler_config, config)
     batch_size = config.erase.batch_size
     mesh_lib.batch_size_per_replica_check(batch_size, mesh)
 
@@ -110,7 +109,7 @@ def train_stage_batched(stage, cfgs: list, bundle: Bundle, start_own: list[dict]
     manager = checkpoint_manager(stage_dir, config)
     step_fn = build_step(bundle.unet, bundle.image.proj if bundle.image else None, plan, stage.settings, optimizer,
                          bundle.latent_shape, None, compose=stage.trainable.compose)
-    sample = lambda step: [sample_batch(d, c.erase.seed, step, batch_size) for d, c in zip(datas, cfgs)]
+    sample = lambda step: [sample_batch(d, c.erase.seed, stage.index, step, batch_size) for d, c in zip(datas, cfgs)]
     example = _put_stacked(sample(0), mesh)
     shard = lambda tree: jax.device_put(tree, mesh_lib.tree_shardings(tree, mesh))
     on_concepts = lambda tree: jax.tree_util.tree_map(lambda leaf: concept_sharding(mesh, leaf.ndim), tree)
@@ -139,29 +138,36 @@ def train_stage_batched(stage, cfgs: list, bundle: Bundle, start_own: list[dict]
     losses = [None] * count
     bar = tqdm(total=stage.steps, initial=start_step, desc=f"erase[{stage.name}] x{count}", unit="it",
                disable=not progress or not distributed.is_leader())
+
+    def record(done: int, metrics: dict, seconds: float) -> None:
+        per_run = [{k: float(np.asarray(v)[i]) for k, v in metrics.items()} for i in range(count)]
+        bad = [c.run_dir for c, m in zip(cfgs, per_run) if not math.isfinite(m["loss"])]
+        if bad:
+            manager.wait_until_finished()
+            raise UserError(f"non-finite loss at step {done} of the {stage.name} stage in {', '.join(bad)}; "
+                            f"the last checkpoint (step {manager.latest_step()}) is intact")
+        for i, m in enumerate(per_run):
+            m["step_s"] = seconds
+            losses[i] = m["loss"]
+            if done % config.log.every == 0 or done == stage.steps:
+                logs[i].write(done, m)
+            if on_step is not None:
+                on_step(i, stage.name, done, m)
+        bar.update(1)
+        bar.set_postfix(loss=f"{np.mean(losses):.4g}")
+
+    lagged = LaggedMetrics(record)
     try:
         with _Preemption() as preemption:
+            batch = _put_stacked(sample(start_step), mesh) if start_step < stage.steps else None
             for step in range(start_step, stage.steps):
-                tick = time.perf_counter()
-                state, metrics = compiled(state, frozen_in, teacher, proj_params, _put_stacked(sample(step), mesh))
-                per_run = [{k: float(np.asarray(v)[i]) for k, v in metrics.items()} for i in range(count)]
-                elapsed = time.perf_counter() - tick
-                bad = [c.run_dir for c, m in zip(cfgs, per_run) if not math.isfinite(m["loss"])]
-                if bad:
-                    manager.wait_until_finished()
-                    raise UserError(f"non-finite loss at step {step + 1} of the {stage.name} stage in {', '.join(bad)}; "
-                                    f"the last checkpoint (step {manager.latest_step()}) is intact")
                 done = step + 1
-                for i, m in enumerate(per_run):
-                    m["step_s"] = elapsed
-                    losses[i] = m["loss"]
-                    if done % config.log.every == 0 or done == stage.steps:
-                        logs[i].write(done, m)
-                    if on_step is not None:
-                        on_step(i, stage.name, done, m)
-                bar.update(1)
-                bar.set_postfix(loss=f"{np.mean(losses):.4g}")
+                state, metrics = compiled(state, frozen_in, teacher, proj_params, batch)  # (asynchronous)
+                lagged.dispatched(done, metrics)  # reads the previous step's metrics while this one runs
+                if done < stage.steps:
+                    batch = _put_stacked(sample(done), mesh)
                 if done % config.checkpoint.every == 0 or done == stage.steps or preemption.requested:
+                    lagged.read_now()  # only a state whose losses are finite is saved
                     save_checkpoint(manager, state, {**meta, "data_position": done})
                 if preemption.requested:
                     manager.wait_until_finished()

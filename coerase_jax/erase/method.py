@@ -60,8 +60,7 @@ def erasure_loss(eps_trainee: Array, target: Array) -> Array:
     return jnp.mean((eps_trainee.astype(jnp.float32) - jax.lax.stop_gradient(target).astype(jnp.float32)) ** 2)
 
 
-def bin_timestep(key: Array, index: Array, num_ddim_steps: int, batch: int, num_train_timesteps: int = 1000
-                 ) -> Array:
+def bin_timestep(key: Array, index: Array, num_ddim_steps: int, batch: int, num_train_timesteps: int) -> Array:
     """The reference's pairing: t ~ U[i T/N, (i+1) T/N) for DDIM index i (a known quirk, kept as an option)."""
     low = (index * num_train_timesteps) // num_ddim_steps
     high = ((index + 1) * num_train_timesteps) // num_ddim_steps

@@ -1,10 +1,10 @@
 """One erasure iteration as a single jitted, sharded function.
 
-    key   = fold_in(PRNGKey(seed), step)                    (deterministic per step: resumable)
+    key   = streams.step_key(seed, stage, step)             (per stage and step: resumable)
     i     ~ U{0..N-1}                                       (one DDIM index per step, traced)
-    z_t   = DDIM from T with the concept prompt, i steps    (no gradient; lax loop, compiled once)
+    z_t   = DDIM (or DDPM) from T with the concept prompt, i steps   (no gradient; one lax loop)
     t     = plan.timesteps[i]  (matched)  |  U[iT/N, (i+1)T/N)  (bin)
-    c_img = refine(ImageProj(e + noise), c_guide)           (image stage only)
+    c_img = refine(ImageProj(e), c_guide) + noise           (image stage only)
     eps_c, eps_u = teacher(z_t, t, [c; c_img]), teacher(z_t, t, [c_0; c_img or nothing])
     loss  = || trainee(z_t, t, [c; c_img]) - (eps_u - eta (eps_c - eps_u)) ||^2
 
@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import optax
 
 from coerase_jax.diffusion.sampling import Conditioning, denoise, denoise_with_snapshots
-from coerase_jax.diffusion.schedule import DDIMPlan
-from coerase_jax.erase import method, subsets
+from coerase_jax.diffusion.schedule import SamplingPlan
+from coerase_jax.erase import method, streams, subsets
 from coerase_jax.errors import UserError
 from coerase_jax.models.image_proj import ImageProjection
 from coerase_jax.models.unet import UNet
@@ -70,6 +70,7 @@ class StepSettings:
     # (the dominant cost) then runs once per K loss examples.
     snapshots_per_trajectory: int = 1
     seed: int = 0
+    stage: int = 0  # the stage's index in the run: its own random stream (streams.py)
 
     def __post_init__(self):
         if self.zt_sampler not in ("trainee", "teacher"):
@@ -121,7 +122,7 @@ def denoiser(unet: UNet):
     return eps
 
 
-def build_step(unet: UNet, image_proj: ImageProjection | None, plan: DDIMPlan, settings: StepSettings,
+def build_step(unet: UNet, image_proj: ImageProjection | None, plan: SamplingPlan, settings: StepSettings,
                optimizer: optax.GradientTransformation, latent_shape: tuple[int, int, int], mesh=None,
                compose: Callable[[dict, dict], dict] = subsets.merge):
     """The pure step: (state, frozen, teacher, proj_params, batch) -> (state, metrics).
@@ -137,7 +138,7 @@ def build_step(unet: UNet, image_proj: ImageProjection | None, plan: DDIMPlan, s
     compute = lambda tree: jax.tree_util.tree_map(lambda x: x.astype(unet.precision.dtype), tree)
 
     def step(state: TrainState, frozen: dict, teacher: dict, proj_params, batch: Batch):
-        key = jax.random.fold_in(jax.random.PRNGKey(s.seed), state.step)
+        key = streams.step_key(s.seed, s.stage, state.step)
         k_zt, k_embed = jax.random.split(key)
         image_tokens = None
         if s.use_image:
@@ -170,25 +171,27 @@ def build_step(unet: UNet, image_proj: ImageProjection | None, plan: DDIMPlan, s
 
 
 def image_condition(image_proj: ImageProjection, proj_params, batch: Batch, s: StepSettings, key) -> jax.Array:
-    """c_img = refine(ImageProj(e + noise), c_guide), or the raw projected tokens without refinement."""
-    embeds = batch.image_embeds
-    if s.embed_noise > 0:
-        draw = jax.random.uniform if s.embed_noise_kind == "uniform" else jax.random.normal
-        embeds = embeds + s.embed_noise * draw(key, embeds.shape, embeds.dtype)
-    tokens = image_proj.apply({"params": proj_params}, embeds)
+    """c_img = refine(ImageProj(e), c_guide) + noise (or the projected tokens + noise without
+    refinement): the noise lands on the tokens the UNet sees, where the reference adds its
+    ``rand_like`` noise after refining."""
+    tokens = image_proj.apply({"params": proj_params}, batch.image_embeds)
     if s.refine:
         tokens = method.refine_image_tokens(tokens, batch.guide_text, batch.guide_mask)
+    if s.embed_noise > 0:
+        draw = jax.random.uniform if s.embed_noise_kind == "uniform" else jax.random.normal
+        tokens = tokens + s.embed_noise * draw(key, tokens.shape, tokens.dtype)
     return jax.lax.stop_gradient(tokens)
 
 
-def sample_zt(eps, sampler_params, key, batch: Batch, zt_tokens, plan: DDIMPlan, s: StepSettings,
+def sample_zt(eps, sampler_params, key, batch: Batch, zt_tokens, plan: SamplingPlan, s: StepSettings,
               latent_shape: tuple[int, int, int]):
-    """(i, z_t, t): DDIM index i ~ U{0..N-1}, the latent after i DDIM steps from the noisiest
-    timestep with the concept prompt (no gradient), and the loss timestep paired with it.
+    """(i, z_t, t): index i ~ U{0..N-1}, the latent after i sampling steps (DDIM, or ancestral DDPM
+    as ``plan`` says) from the noisiest timestep with the concept prompt (no gradient), and the loss
+    timestep paired with it.
 
     With K = ``snapshots_per_trajectory`` > 1: K indices on one trajectory; z_t and t are then
     (K*B, ...) in snapshot-major order, and i is the largest index."""
-    k_index, k_latent, k_time = jax.random.split(key, 3)
+    k_index, k_latent, k_time, k_ancestral = jax.random.split(key, 4)
     batch_size = batch.text.shape[0]
     snapshots = s.snapshots_per_trajectory
     uncond = Conditioning(batch.uncond_text, zt_tokens) if s.zt_guidance != 1.0 else None
@@ -197,10 +200,12 @@ def sample_zt(eps, sampler_params, key, batch: Batch, zt_tokens, plan: DDIMPlan,
     zt_eps = lambda p, x, t, c, i: eps(p, x, t, c, i, s.image_scale)
     if snapshots == 1:
         indices = jax.random.randint(k_index, (1,), 0, plan.num_steps)
-        z = denoise(zt_eps, sampler_params, noise, plan, cond, uncond, s.zt_guidance, num_steps=indices[0])
+        z = denoise(zt_eps, sampler_params, noise, plan, cond, uncond, s.zt_guidance, num_steps=indices[0],
+                    key=k_ancestral)
     else:
         indices = jax.random.randint(k_index, (snapshots,), 0, plan.num_steps)
-        z = denoise_with_snapshots(zt_eps, sampler_params, noise, plan, cond, uncond, s.zt_guidance, indices)
+        z = denoise_with_snapshots(zt_eps, sampler_params, noise, plan, cond, uncond, s.zt_guidance, indices,
+                                   key=k_ancestral)
         z = z.reshape((snapshots * batch_size,) + latent_shape)
     if s.blur_kernel:
         z = method.gaussian_blur(z, s.blur_kernel, s.blur_sigma or method.default_blur_sigma(s.blur_kernel))
@@ -208,7 +213,7 @@ def sample_zt(eps, sampler_params, key, batch: Batch, zt_tokens, plan: DDIMPlan,
     if s.timestep_pairing == "matched":
         t = plan.timesteps[per_example]
     else:
-        t = method.bin_timestep(k_time, per_example, plan.num_steps, per_example.shape[0])
+        t = method.bin_timestep(k_time, per_example, plan.num_steps, per_example.shape[0], plan.num_train_timesteps)
     return jnp.max(indices), jax.lax.stop_gradient(z), t
 
 

@@ -5,6 +5,8 @@
 | full           | full      | every UNet parameter                                                   |
 | esd-u          | noxattn   | all but cross-attention (attn2), the time embedding and the output     |
 |                |           | head (conv_norm_out, conv_out — CompVis's ``out.``)                    |
+| esd-u-reference| —         | noxattn as the published Co-Erasing code selects it on a diffusers     |
+|                |           | UNet: its ``out.`` prefix never matches, so the output head trains too |
 | esd-x          | xattn     | cross-attention (attn2: to_q, to_k, to_v, to_out)                      |
 | esd-x-strict   | —         | cross-attention key/value projections only (attn2 to_k, to_v)           |
 | selfattn       | selfattn  | self-attention (attn1)                                                 |
@@ -35,6 +37,7 @@ def _in(path: Path, name: str) -> bool:
 SUBSETS: dict[str, Callable[[Path], bool]] = {
     "full": lambda p: True,
     "esd-u": lambda p: not (_in(p, "attn2") or _in(p, "time_embedding") or p[0] in OUTPUT_HEAD),
+    "esd-u-reference": lambda p: not (_in(p, "attn2") or _in(p, "time_embedding")),
     "esd-x": lambda p: _in(p, "attn2"),
     "esd-x-strict": lambda p: _in(p, "attn2") and (_in(p, "to_k") or _in(p, "to_v")),
     "selfattn": lambda p: _in(p, "attn1"),

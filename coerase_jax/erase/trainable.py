@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
-
-from coerase_jax.erase import lora, subsets
+from coerase_jax.erase import lora, streams, subsets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,12 +17,13 @@ class Trainable:
     lora_rank: int = 0
     lora_scale: float = 1.0
     seed: int = 0
+    stage: int = 0  # the stage's index in the run (its LoRA start is drawn from its own stream)
 
     def split(self, params: dict) -> tuple[dict, dict]:
         """(trainable, frozen). With LoRA the frozen part is the whole UNet and the trainable part the
-        (A, B) factors, initialised from ``seed`` so that a resumed run rebuilds the same start."""
+        (A, B) factors, drawn from the stage's own stream so that a resumed run rebuilds the same start."""
         if self.lora_rank:
-            return lora.init_lora(params, self.subset, self.lora_rank, jax.random.PRNGKey(self.seed)), params
+            return lora.init_lora(params, self.subset, self.lora_rank, streams.lora_key(self.seed, self.stage)), params
         return subsets.split(params, self.subset, self.train_image_kv)
 
     def compose(self, trainable: dict, frozen: dict) -> dict:

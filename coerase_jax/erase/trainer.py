@@ -6,13 +6,15 @@ A run directory holds everything of one run::
     run_dir/references/                 generated reference images + manifest + embedding cache
     run_dir/stage_<name>/checkpoints/   Orbax: train state (step, trainable params, optimizer
                                         state) + JSON metadata (seed, data position)
+    run_dir/stage_<name>/damaged_checkpoints/   checkpoints that did not read, moved aside on resume
     run_dir/stage_<name>/metrics.jsonl  one line per step; TensorBoard events beside it
     run_dir/stage_<name>/done.json      written when the stage finished
 
-Every step's randomness comes from ``fold_in(seed, step)`` and its batch from
-``default_rng([seed, step])``, so resuming from step k replays exactly what an uninterrupted run
-would have done. SIGTERM (pre-emption) saves a checkpoint and exits; a non-finite loss stops the
-run without saving, leaving the last checkpoint intact.
+Every step's randomness and its batch come from the stage's own stream (``streams.py``: the seed,
+the stage's index and the step), so resuming from step k replays exactly what an uninterrupted run
+would have done, and the image stage does not replay the text stage's draws. SIGTERM (pre-emption)
+saves a checkpoint and exits; a non-finite loss stops the run without saving, leaving the last
+checkpoint intact; a checkpoint that does not read is skipped for the one before it.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from tqdm.auto import tqdm
 
 from coerase_jax.configuration import to_json
 from coerase_jax.diffusion.schedule import NoiseSchedule
-from coerase_jax.erase import lora, subsets
+from coerase_jax.erase import lora, streams, subsets
 from coerase_jax.erase.method import real_token_mask
 from coerase_jax.erase.step import Batch, StepSettings, TrainState, build_step, jit_step, make_optimizer
 from coerase_jax.erase.trainable import Trainable
@@ -43,12 +45,13 @@ from coerase_jax.parallel import mesh as mesh_lib
 
 STAGES = ("text", "image")
 # Config sections that may change between a run and its resumption (they do not change the math).
-RESUMABLE_CHANGES = ("checkpoint", "log", "report", "sample", "bench", "sweep", "eval")
+RESUMABLE_CHANGES = ("checkpoint", "log", "report", "sample", "bench", "sweep", "eval", "compile")
 
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
     name: str  # "text" (ESD, text only) | "image" (Co-Erasing image stage)
+    index: int  # its place in erase.stages (its random stream)
     subset: str
     steps: int
     learning_rate: float
@@ -61,23 +64,30 @@ def plan_stages(config) -> list[Stage]:
     if not e.stages or any(s not in STAGES for s in e.stages):
         raise UserError(f"erase.stages must be a non-empty sequence of {STAGES}, got {tuple(e.stages)}")
     out = []
-    for name in e.stages:
+    for index, name in enumerate(e.stages):
         section = config.text_stage if name == "text" else config.image_stage
+        image = name == "image"
         settings = StepSettings(
-            use_image=name == "image", eta=e.eta, text_uncond=e.text_uncond, zt_sampler=e.zt_sampler,
+            use_image=image, eta=e.eta, text_uncond=e.text_uncond, zt_sampler=e.zt_sampler,
             zt_guidance=e.zt_guidance, zt_image_tokens=e.zt_image_tokens, timestep_pairing=e.timestep_pairing,
-            blur_kernel=e.blur_kernel, blur_sigma=e.blur_sigma, refine=e.refine, embed_noise=e.embed_noise,
-            embed_noise_kind=e.embed_noise_kind, image_scale=e.image_scale,
-            snapshots_per_trajectory=e.snapshots_per_trajectory, seed=e.seed)
+            # the blur is the image stage's (the reference's text stage never blurs z_t)
+            blur_kernel=e.blur_kernel if image else 0, blur_sigma=e.blur_sigma, refine=e.refine,
+            embed_noise=e.embed_noise, embed_noise_kind=e.embed_noise_kind, image_scale=e.image_scale,
+            snapshots_per_trajectory=e.snapshots_per_trajectory, seed=e.seed, stage=index)
         if section.steps < 1:
             raise UserError(f"{name}_stage.steps must be positive")
         if e.lora_rank < 0:
             raise UserError(f"erase.lora_rank must be 0 (off) or positive, got {e.lora_rank}")
         subset = subsets.resolve(section.subset)
         scale = (e.lora_alpha or e.lora_rank) / e.lora_rank if e.lora_rank else 1.0
-        trainable = Trainable(subset, e.train_image_kv, int(e.lora_rank), float(scale), e.seed)
-        out.append(Stage(name, subset, int(section.steps), float(section.learning_rate), settings, trainable))
+        trainable = Trainable(subset, e.train_image_kv, int(e.lora_rank), float(scale), e.seed, index)
+        out.append(Stage(name, index, subset, int(section.steps), float(section.learning_rate), settings, trainable))
     return out
+
+
+def zt_plan(scheduler_config: dict, config):
+    """How a step samples z_t: ``erase.ddim_steps`` steps of ``erase.zt_scheduler`` (ddim | ddpm)."""
+    return NoiseSchedule.from_config(scheduler_config).plan(config.erase.ddim_steps, config.erase.zt_scheduler)
 
 
 def optimizer_for(config, stage: Stage):
@@ -145,11 +155,11 @@ def encode_prompts(bundle: Bundle, config) -> ConceptData:
     return data
 
 
-def sample_batch(data: ConceptData, seed: int, step: int, batch_size: int) -> Batch:
-    """The step's examples: prompt and image indices drawn from (seed, step) alone. In a joint
-    erasure each example first draws a concept (or the step does), then a prompt and a reference
-    image of that same concept."""
-    rng = np.random.default_rng([seed, step])
+def sample_batch(data: ConceptData, seed: int, stage: int, step: int, batch_size: int) -> Batch:
+    """The step's examples: prompt and image indices drawn from (seed, stage index, step) alone. In a
+    joint erasure each example first draws a concept (or the step does), then a prompt and a
+    reference image of that same concept."""
+    rng = streams.batch_rng(seed, stage, step)
     if data.prompt_concept is None:
         p = rng.integers(0, len(data.prompt_states), batch_size)
         images = None
@@ -199,12 +209,53 @@ def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, meta: dic
                                                meta=ocp.args.JsonSave({**meta, "step": step})))
 
 
-def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state) -> TrainState | None:
-    step = manager.latest_step()
-    if step is None:
-        return None
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-    return restored["state"]
+DAMAGED = "damaged_checkpoints"  # beside checkpoints/: unreadable ones moved aside, never deleted
+
+
+def restore_checkpoint(manager: ocp.CheckpointManager, abstract_state, set_aside: bool = True) -> TrainState | None:
+    """The newest checkpoint that reads (None when there is none yet).
+
+    One that does not read (a damaged file, a write cut short on a lost host) is skipped with a
+    message saying why; the run goes on from the one before it. With ``set_aside`` the skipped
+    ones are moved to ``damaged_checkpoints/`` beside ``checkpoints/`` (never deleted), so the run
+    can save those steps again. When none reads, nothing is moved and the error says why."""
+    steps = sorted(manager.all_steps(), reverse=True)
+    failures = []
+    for step in steps:
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+        except Exception as err:  # Orbax and TensorStore raise many kinds for damaged data; each is named
+            reason = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+            failures.append((step, reason))
+            print(f"checkpoint {step} in {manager.directory} does not read ({reason}); trying the one before it",
+                  flush=True)
+            continue
+        if failures and set_aside:
+            _set_aside([s for s, _ in failures], Path(manager.directory))
+            manager.reload()
+        if failures:
+            print(f"resuming from checkpoint {step} (skipped {', '.join(str(s) for s, _ in failures)})", flush=True)
+        return restored["state"]
+    if failures:
+        raise UserError(f"no checkpoint in {manager.directory} reads (" +
+                        "; ".join(f"step {s}: {r}" for s, r in failures) + "). Nothing was moved or deleted; "
+                        "move the checkpoints folder aside to start the stage again")
+    return None
+
+
+def _set_aside(steps: list[int], checkpoints: Path) -> None:
+    """Moves unreadable checkpoint folders to ``damaged_checkpoints/<step>`` (process 0 moves; all wait)."""
+    if distributed.is_leader():
+        damaged = checkpoints.parent / DAMAGED
+        damaged.mkdir(exist_ok=True)
+        for step in steps:
+            target = damaged / str(step)
+            suffix = 1
+            while target.exists():  # (damaged twice: keep both)
+                target, suffix = damaged / f"{step}.{suffix}", suffix + 1
+            (checkpoints / str(step)).rename(target)
+            print(f"moved the unreadable checkpoint {step} to {target}", flush=True)
+    distributed.barrier("damaged checkpoints set aside")
 
 
 class _Preemption:
@@ -234,6 +285,34 @@ class Preempted(Exception):
 
 
 # --------------------------------------------------------------------------- logging
+
+
+class LaggedMetrics:
+    """Reads each step's metrics one step late, so the host never waits for the step it just
+    dispatched: after dispatching step k it reads step k - 1's numbers (done or nearly) and then
+    prepares step k + 1's batch while the device works. ``read_now()`` reads the pending step at
+    once (before a checkpoint is saved, so that only a state with a finite loss is ever saved).
+
+    ``handle(done, metrics, seconds)`` gets each step's metrics as host numbers, in order, with the
+    time since the previous step's were read."""
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.pending = None
+        self.last_read = time.perf_counter()
+
+    def dispatched(self, done: int, metrics) -> None:
+        self.read_now()
+        self.pending = (done, metrics)
+
+    def read_now(self) -> None:
+        if self.pending is None:
+            return
+        (done, metrics), self.pending = self.pending, None
+        host = jax.device_get(metrics)
+        now = time.perf_counter()
+        seconds, self.last_read = now - self.last_read, now
+        self.handle(done, host, seconds)
 
 
 class MetricsLog:
@@ -311,7 +390,7 @@ def train_stage(stage: Stage, config, bundle: Bundle, start_params: dict, teache
     if stage.settings.use_image and bundle.image is None:
         raise UserError("the image stage needs an image encoder and an IP-Adapter (model.ip_adapter / "
                         "model.image_encoder, or image_encoder/ + ip-adapter*.safetensors in the model folder)")
-    plan = NoiseSchedule.from_config(bundle.scheduler_config).ddim_plan(config.erase.ddim_steps)
+    plan = zt_plan(bundle.scheduler_config, config)
     batch_size = config.erase.batch_size
     mesh_lib.batch_size_per_replica_check(batch_size, mesh)
 
@@ -333,7 +412,7 @@ def train_stage(stage: Stage, config, bundle: Bundle, start_params: dict, teache
 
     step_fn = build_step(bundle.unet, bundle.image.proj if bundle.image else None, plan, stage.settings,
                          optimizer, bundle.latent_shape, mesh, compose=stage.trainable.compose)
-    example = put_batch(sample_batch(data, config.erase.seed, 0, batch_size), mesh)
+    example = put_batch(sample_batch(data, config.erase.seed, stage.index, 0, batch_size), mesh)
     jitted = jit_step(step_fn, mesh, abstract_state, frozen, teacher, proj_params, example)
     compile_start = time.perf_counter()
     compiled = jitted.lower(state, frozen, teacher, proj_params, example).compile()
@@ -346,32 +425,38 @@ def train_stage(stage: Stage, config, bundle: Bundle, start_params: dict, teache
     final_loss = None
     bar = tqdm(total=stage.steps, initial=start_step, desc=f"erase[{stage.name}]", unit="it",
                disable=not progress or not distributed.is_leader())
+
+    def record(done: int, metrics: dict, seconds: float) -> None:
+        nonlocal final_loss
+        metrics = {k: float(v) for k, v in metrics.items()} | {"step_s": seconds}
+        if not math.isfinite(metrics["loss"]):
+            manager.wait_until_finished()
+            raise UserError(f"non-finite loss ({metrics['loss']}) at step {done} of the {stage.name} stage; "
+                            f"nothing was saved after it, the last checkpoint (step {manager.latest_step()}) "
+                            f"is intact. Lower the learning rate or check the inputs.")
+        final_loss = metrics["loss"]
+        if done % config.log.every == 0 or done == stage.steps:
+            log.write(done, metrics)
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.4g}")
+        if on_step is not None:
+            on_step(stage.name, done, metrics)
+
+    lagged = LaggedMetrics(record)
+    next_batch = lambda step: put_batch(sample_batch(data, config.erase.seed, stage.index, step, batch_size), mesh)
     try:
         with _Preemption() as preemption:
+            batch = next_batch(start_step) if start_step < stage.steps else None
             for step in range(start_step, stage.steps):
-                batch = put_batch(sample_batch(data, config.erase.seed, step, batch_size), mesh)
-                started = time.perf_counter()
-                state, metrics = compiled(state, frozen, teacher, proj_params, batch)
-                metrics = {k: float(v) for k, v in metrics.items()}
-                metrics["step_s"] = time.perf_counter() - started
-                if not math.isfinite(metrics["loss"]):
-                    manager.wait_until_finished()
-                    raise UserError(f"non-finite loss ({metrics['loss']}) at step {step + 1} of the {stage.name} "
-                                    f"stage; nothing was saved after it, the last checkpoint "
-                                    f"(step {manager.latest_step()}) is intact. Lower the learning rate or "
-                                    f"check the inputs.")
-                final_loss = metrics["loss"]
                 done = step + 1
-                if done % config.log.every == 0 or done == stage.steps:
-                    log.write(done, metrics)
-                bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.4g}")
-                if on_step is not None:
-                    on_step(stage.name, done, metrics)
-                if done % config.checkpoint.every == 0 or done == stage.steps:
+                state, metrics = compiled(state, frozen, teacher, proj_params, batch)  # (asynchronous)
+                lagged.dispatched(done, metrics)  # reads step `step`'s metrics while this one runs
+                if done < stage.steps:
+                    batch = next_batch(done)
+                if done % config.checkpoint.every == 0 or done == stage.steps or preemption.requested:
+                    lagged.read_now()  # only a state whose loss is finite is saved
                     save_checkpoint(manager, state, {**meta, "data_position": done})
                 if preemption.requested:
-                    save_checkpoint(manager, state, {**meta, "data_position": done})
                     manager.wait_until_finished()
                     raise Preempted(f"SIGTERM: saved a checkpoint at step {done} of the {stage.name} stage in "
                                     f"{stage_dir}; run the same command again to resume")
@@ -403,11 +488,14 @@ def load_stage_trainable(stage: Stage, config, start_params: dict, run_dir: Path
     abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=everywhere), abstract)
     manager = checkpoint_manager(stage_dir, config)
     try:
-        state = restore_checkpoint(manager, abstract)
+        state = restore_checkpoint(manager, abstract, set_aside=False)  # (reading only: nothing moves)
     finally:
         manager.close()
     if state is None or int(state.step) != stage.steps:
-        raise UserError(f"{stage_dir} has no finished checkpoint (run `coerase erase` with this config first)")
+        hint = ("remove its done.json and run `coerase erase` with this config again: it resumes from the newest "
+                "checkpoint that reads" if (stage_dir / "done.json").is_file() else
+                "run `coerase erase` with this config first")
+        raise UserError(f"{stage_dir} has no finished, readable checkpoint ({hint})")
     return distributed.fetch(state.trainable), frozen
 
 
