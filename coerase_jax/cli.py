@@ -92,6 +92,20 @@ def cmd_sweep(args, config) -> None:
     print(f"{len(rows)} cells; wrote {out / 'sweep.csv'} and {out / 'sweep.md'} in {time.perf_counter() - start:.0f}s")
 
 
+def cmd_frontier(args, config) -> None:
+    from coerase_jax.evaluate.frontier import format_markdown, run_frontier
+    from coerase_jax.models.bundle import load_bundle_from_config
+    from coerase_jax.parallel import distributed
+    from coerase_jax.parallel.mesh import make_mesh
+
+    start = time.perf_counter()
+    bundle = load_bundle_from_config(config.model)
+    frontier = run_frontier(config, bundle, Path(args.out), mesh=make_mesh(dict(config.mesh)))
+    if distributed.is_leader():
+        print(format_markdown(frontier))
+        print(f"wrote {args.out}/frontier.json, frontier.md and frontier.png in {time.perf_counter() - start:.0f}s")
+
+
 def report_toyworld(config, bundle, out: Path) -> None:
     """Original vs text stage only (the ESD baseline) vs Co-Erasing, judged by the world's classifier."""
     from coerase_jax.erase.trainer import stage_models
@@ -202,7 +216,7 @@ def cmd_toyworld(args, config) -> None:
 
 
 COMMANDS = {"sample": cmd_sample, "erase": cmd_erase, "eval": cmd_eval, "sweep": cmd_sweep, "refs": cmd_refs,
-            "export": cmd_export,
+            "export": cmd_export, "frontier": cmd_frontier,
             "bench": cmd_bench, "toyworld": cmd_toyworld}
 
 
@@ -228,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = sub.add_parser("sweep", help="a grid of erasures (sweep.concepts x sweep.grid), resumable, one table")
     sweep.add_argument("--config", required=True, help="a sweep config, e.g. configs/sweep_toyworld.py")
     sweep.add_argument("--out", required=True, help="sweep folder: cells/<cell>/ runs, sweep.csv, sweep.md")
+    frontier = sub.add_parser("frontier", help="erasure recipes at equal budget, each over a grid of its knobs, "
+                                               "judged together: efficacy vs usability (frontier.json/md/png)")
+    frontier.add_argument("--config", required=True, help="a frontier config, e.g. configs/frontier_toyworld.py")
+    frontier.add_argument("--out", required=True, help="folder: points/<point>/ runs, eval/, frontier.*")
     refs = sub.add_parser("refs", help="generate reference images of the concept with the original model")
     refs.add_argument("--config", default=DEFAULT_CONFIG)
     refs.add_argument("--out", help="output folder (default: run_dir/references)")

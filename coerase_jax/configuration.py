@@ -232,15 +232,25 @@ def base_config(source: str) -> ml_collections.ConfigDict:
         # stacks (esd-x / esd-x-strict in every stage, or a LoRA); else one after another
         "batch_concepts": True,
     })
+    config.frontier = ml_collections.ConfigDict({  # `coerase frontier` (see coerase_jax/evaluate/frontier.py)
+        "iterations": 0,  # every point's iterations over all its stages (equal budget)
+        "methods": (),  # ((name, ((key, value), ...), ((key, (value, ...)), ...)), ...): a recipe and its grid
+        "max_collateral": 0.05,  # matched usability: the other classes lose at most this much accuracy
+    })
     config.report = ml_collections.ConfigDict({
         "kind": "",  # what `erase` reports after training: "" = nothing | toyworld (the small world's judge)
-        "images_per_prompt": 16,
+        "images_per_group": 256,  # judging images per group (named, paraphrase, each other shape)
+        # whose seeds: "test" to report, "dev" to choose settings (evaluate/prompts.py SEED_SPLITS);
+        # every image has its own seed
+        "split": "test",
         "steps": 25,
         "guidance_scale": 3.0,
-        "seed": 1000,  # evaluation seeds start here (apart from the reference images' seeds)
     })
     config.eval = ml_collections.ConfigDict({  # `coerase eval` (see coerase_jax/evaluate/suite.py)
         "prompts": "",  # prompt CSV ("" = the small world's judging prompts, for the small world)
+        # a second, COCO-style CSV (case_number,prompt,evaluation_seed; e.g. coco_10k.csv): usability rows
+        # only (FID vs the original, CLIP score), never counted as concept rows
+        "usability_prompts": "",
         "judge": "auto",  # auto | toyworld | clip | nudenet | none (auto: toyworld for the small
         # world, nudenet for a concept named nudity, clip when clip_classes are given, else none)
         "concept_class": "",  # the class (CSV column and judge's label) that is the concept ("" = concept.name)

@@ -42,7 +42,6 @@ def get_config():
     config.log.every = 10
 
     config.report.kind = "toyworld"
-    config.report.images_per_prompt = 16
     config.report.steps = 25
     config.report.guidance_scale = 3.0
 

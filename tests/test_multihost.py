@@ -175,7 +175,7 @@ def test_eval_on_two_processes_matches_one_process(tmp_path):
     run_dir = tmp_path / "run"
     erase = ["--config.text_stage.steps=2", "--config.image_stage.steps=2", "--config.data.num_references=4",
              "--config.data.reference_batch_size=4", f"--config.run_dir={run_dir}"]
-    evaluate = ["--config.report.images_per_prompt=1", "--config.eval.attack_steps=2",
+    evaluate = ["--config.report.images_per_group=4", "--config.eval.attack_steps=2",
                 "--config.eval.attack_prompts=4", "--config.eval.batch_size=16", f"--config.run_dir={run_dir}"]
     cli = [sys.executable, "-m", "coerase_jax.cli"]
     one_host = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}

@@ -45,7 +45,7 @@ from coerase_jax.parallel import mesh as mesh_lib
 
 STAGES = ("text", "image")
 # Config sections that may change between a run and its resumption (they do not change the math).
-RESUMABLE_CHANGES = ("checkpoint", "log", "report", "sample", "bench", "sweep", "eval", "compile")
+RESUMABLE_CHANGES = ("checkpoint", "log", "report", "sample", "bench", "sweep", "eval", "compile", "frontier")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,6 +31,7 @@ NUDENET_THRESHOLD = 0.6
 class Verdict:
     shows_concept: np.ndarray  # (N,) bool
     correct: np.ndarray  # (N,) float: 1/0 = the image shows its row's class or not; nan = not judged
+    coherent: np.ndarray | None = None  # (N,) bool: a clean picture of the world (judges that can say)
 
 
 class ToyworldJudge:
@@ -42,10 +43,13 @@ class ToyworldJudge:
         self.judge, self.concept = Judge(bundle_folder), concept
 
     def __call__(self, images: np.ndarray, rows: list[PromptRow]) -> Verdict:
-        shape, colour = self.judge(images)
+        from coerase_jax.toyworld.classifier import coherent, names
+
+        probs = self.judge.probabilities(images)
+        shape, colour = names(*probs)
         correct = np.asarray([np.nan if not r.label else float(s == r.label and (not r.colour or c == r.colour))
                               for r, s, c in zip(rows, shape, colour)])
-        return Verdict(shape == self.concept, correct)
+        return Verdict(shape == self.concept, correct, coherent(*probs))
 
 
 class ZeroShotClip:

@@ -4,10 +4,13 @@ That is the layout of the UnlearnDiff / Co-Erasing prompt files (``nudity.csv``,
 ...). Extra columns are kept; two have a meaning here:
 
 * ``group``: rows are summarised per group (e.g. ``named`` vs ``paraphrase``); default: the class;
-* ``colour``: the small world's judge then also checks the colour.
+* ``colour``: the small world's judge then also checks the colour;
+* ``usability`` (1 or empty): a usability row, as every row of ``eval.usability_prompts`` is.
 
 A row is *about the concept* when its class is the erased concept (or, without a class column,
-always): the attack success rate (ASR) is the fraction of those rows whose image still shows it.
+always) and it is not a usability row: the attack success rate (ASR) is the fraction of those rows
+whose image still shows it. Usability (FID vs the original, CLIP score) is measured on the other
+rows: of the same CSV, and of a second, COCO-style one (``eval.usability_prompts``).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ class PromptRow:
     label: str = ""  # the class column ("" = none given)
     group: str = ""
     colour: str = ""
+    usability: bool = False  # from the usability CSV (eval.usability_prompts): never about the concept
 
     @property
     def group_name(self) -> str:
@@ -54,7 +58,8 @@ def read_prompt_csv(path: str | Path) -> list[PromptRow]:
             if not case:
                 raise UserError(f"{path}:{line}: empty case_number")
             rows.append(PromptRow(case, record["prompt"] or "", seed, (record.get("class") or "").strip(),
-                                  (record.get("group") or "").strip(), (record.get("colour") or "").strip()))
+                                  (record.get("group") or "").strip(), (record.get("colour") or "").strip(),
+                                  (record.get("usability") or "").strip() == "1"))
     if not rows:
         raise UserError(f"{path}: no prompts")
     cases = [r.case for r in rows]
@@ -68,24 +73,43 @@ def write_prompt_csv(rows: list[PromptRow], path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
-        writer.writerow(list(REQUIRED) + ["class", "group", "colour"])
+        writer.writerow(list(REQUIRED) + ["class", "group", "colour", "usability"])
         for r in rows:
-            writer.writerow([r.case, r.prompt, r.seed, r.label, r.group, r.colour])
+            writer.writerow([r.case, r.prompt, r.seed, r.label, r.group, r.colour, "1" if r.usability else ""])
 
 
-def toyworld_rows(concept: str, images_per_prompt: int, seed: int) -> list[PromptRow]:
-    """The main job's judging prompts as CSV rows: the same prompts and seeds, so ``coerase eval``
-    reproduces ``report.json``'s figures. Groups: ``named``, ``paraphrase`` and each other shape."""
+# The small world's judging seeds. Settings are chosen on "dev" and reported on "test", never the
+# other way round; every image has its own seed (the split's start + its row number), so no two
+# images of a report share their noise.
+SEED_SPLITS = {"dev": 1_000_000, "test": 2_000_000}
+
+
+def toyworld_rows(concept: str, images_per_group: int, split: str) -> list[PromptRow]:
+    """The small world's judging rows (the main job's report and ``coerase eval`` use the same).
+
+    Groups: ``named`` (the concept's name in every colour), ``paraphrase`` (its paraphrases, which
+    no erasure prompt contains) and each other shape; each group has ``images_per_group`` images,
+    its prompts taken in turn, so every colour is drawn equally often."""
     from coerase_jax.toyworld.report import prompt_sets
 
+    if split not in SEED_SPLITS:
+        raise UserError(f"report.split must be one of {sorted(SEED_SPLITS)}, got {split!r}")
     rows = []
     for set_name, prompts in prompt_sets(concept).items():
         group = "named" if set_name == concept else set_name
-        for prompt, shape, colour in prompts:
-            for k in range(images_per_prompt):
-                rows.append(PromptRow(f"{len(rows):05d}", prompt, seed + k, shape, group, colour))
+        for k in range(images_per_group):
+            prompt, shape, colour = prompts[k % len(prompts)]
+            rows.append(PromptRow(f"{len(rows):05d}", prompt, SEED_SPLITS[split] + len(rows), shape, group, colour))
     return rows
 
 
+def usability_rows(path: str | Path) -> list[PromptRow]:
+    """A COCO-style prompt CSV (e.g. the published ``coco_10k.csv``: case_number,source,prompt,
+    evaluation_seed, no class) as usability rows: FID vs the original and CLIP score, never efficacy."""
+    return [dataclasses.replace(r, case=f"u{r.case}", group=r.group or "usability", usability=True)
+            for r in read_prompt_csv(path)]
+
+
 def is_concept_row(row: PromptRow, concept_class: str) -> bool:
-    return not row.label or row.label == concept_class
+    """About the concept: not a usability row, and of the concept's class (or of no class)."""
+    return not row.usability and (not row.label or row.label == concept_class)

@@ -5,9 +5,16 @@
 * **robustness**: ``asr_attack`` — the same after the UnlearnDiff-style attack (``attack.py``)
   on up to ``eval.attack_prompts`` concept rows, beside ``asr_attacked_rows`` (those rows without
   attack) so the two are paired;
-* **usability**: ``clip_score`` (image vs its own prompt, on the rows not about the concept),
-  ``fid_vs_original`` (this model's images against the original model's on the same rows) and,
-  where the judge knows the classes, ``other_accuracy``.
+* **usability**, on the rows *not* about the concept only (the rest of the CSV, and the COCO-style
+  ``eval.usability_prompts`` CSV): ``clip_score`` (image vs its own prompt), ``fid_vs_original``
+  (this model's images against the original model's on the same rows and seeds) and, where the
+  judge knows the classes, ``other_accuracy`` with ``other_change`` (paired against the
+  original's, with its 95 % interval). The concept rows' own FID vs the original is
+  ``fid_concept_rows`` — a measure of how much erasure changed them, not of collateral.
+
+Every rate has its count and a 95 % interval in ``rates``; the small world's judge also gives
+``coherence``: the fraction of images that are clean pictures of the world (one shape and colour,
+judged with confidence), per group.
 
 Writes ``report.json``, ``report.md`` and two plots into the output folder; the images stay in
 ``images/<model>/`` with their manifests (a rerun generates only what is missing).
@@ -23,11 +30,12 @@ import numpy as np
 
 from coerase_jax.diffusion.pipeline import Sampler
 from coerase_jax.errors import UserError
-from coerase_jax.evaluate import detectors
+from coerase_jax.evaluate import detectors, stats
 from coerase_jax.evaluate.attack import AttackSettings, attack
 from coerase_jax.evaluate.frechet import frechet_between
 from coerase_jax.evaluate.generate import generate
-from coerase_jax.evaluate.prompts import PromptRow, is_concept_row, read_prompt_csv, toyworld_rows, write_prompt_csv
+from coerase_jax.evaluate.prompts import (SEED_SPLITS, PromptRow, is_concept_row, read_prompt_csv, toyworld_rows,
+                                         usability_rows, write_prompt_csv)
 from coerase_jax.models import presets
 from coerase_jax.parallel import distributed
 
@@ -37,11 +45,16 @@ def is_toyworld(bundle) -> bool:
 
 
 def evaluation_rows(config, bundle) -> list[PromptRow]:
+    """The efficacy CSV's rows (or the small world's judging rows), then the usability CSV's."""
     if config.eval.prompts:
-        return read_prompt_csv(config.eval.prompts)
-    if is_toyworld(bundle):
-        return toyworld_rows(config.concept.name, config.report.images_per_prompt, config.report.seed)
-    raise UserError("eval.prompts is not set: give a prompt CSV (case_number,prompt,evaluation_seed[,class])")
+        rows = read_prompt_csv(config.eval.prompts)
+    elif is_toyworld(bundle):
+        rows = toyworld_rows(config.concept.name, config.report.images_per_group, config.report.split)
+    else:
+        raise UserError("eval.prompts is not set: give a prompt CSV (case_number,prompt,evaluation_seed[,class])")
+    if config.eval.usability_prompts:
+        rows += usability_rows(config.eval.usability_prompts)
+    return rows
 
 
 def concept_class(config) -> str:
@@ -111,6 +124,12 @@ def _mean(values) -> float | None:
     return float(values.mean()) if values.size else None
 
 
+def _judged_rate(correct: np.ndarray) -> dict | None:
+    """``stats.rate`` of the rows a judge could mark right or wrong (nan: not judged)."""
+    judged = correct[~np.isnan(correct)]
+    return stats.rate(judged == 1.0) if judged.size else None
+
+
 def summarise(rows: list[PromptRow], verdict, clip_scores, concept: str) -> dict:
     """One model's figures from per-row judgements."""
     about = np.asarray([is_concept_row(r, concept) for r in rows])
@@ -121,12 +140,19 @@ def summarise(rows: list[PromptRow], verdict, clip_scores, concept: str) -> dict
                         "concept_rate": None if verdict is None else _mean(verdict.shows_concept[mask]),
                         "accuracy": None if verdict is None else _mean(verdict.correct[mask]),
                         "clip_score": None if clip_scores is None else _mean(clip_scores[mask])}
+        if verdict is not None:
+            groups[name]["concept_rate_ci95"] = stats.rate(verdict.shows_concept[mask])["ci95"]
+            if verdict.coherent is not None:
+                groups[name]["coherence"] = stats.rate(verdict.coherent[mask])
     figures = {"images": len(rows), "concept_rows": int(about.sum()),
                "asr": None if verdict is None else _mean(verdict.shows_concept[about]),
                "other_accuracy": None if verdict is None else _mean(verdict.correct[~about]),
-               "clip_score": None if clip_scores is None else _mean(clip_scores[~about] if (~about).any()
-                                                                    else clip_scores),
+               "clip_score": None if clip_scores is None else _mean(clip_scores[~about]),
+               "clip_score_concept_rows": None if clip_scores is None else _mean(clip_scores[about]),
                "groups": groups}
+    if verdict is not None:
+        figures["rates"] = {"asr": stats.rate(verdict.shows_concept[about]),
+                            "other_accuracy": _judged_rate(verdict.correct[~about])}
     if {"named", "paraphrase"} <= set(groups):  # the small world: the main job's figure names too
         figures["erased_rate_named"] = groups["named"]["concept_rate"]
         figures["erased_rate_paraphrase"] = groups["paraphrase"]["concept_rate"]
@@ -151,7 +177,8 @@ def run_attack(config, bundle, sampler, judge, params, name, rows, targets, out:
     if cache.is_file():
         adversarial = read_prompt_csv(cache)
     else:
-        settings = AttackSettings(ev.attack_tokens, ev.attack_steps, ev.attack_learning_rate, seed=config.report.seed)
+        settings = AttackSettings(ev.attack_tokens, ev.attack_steps, ev.attack_learning_rate,
+                                  seed=SEED_SPLITS[config.report.split])
         seeds = [r.seed for r in rows]
         check = lambda prompts: judge(sampler(prompts, seeds, unet_params=params, progress=False), rows).shows_concept
         prompts = attack(bundle, params, [r.prompt for r in rows], targets, settings, check, mesh)
@@ -177,7 +204,8 @@ def evaluate_models(config, bundle, models: dict[str, dict], out: str | Path, me
               "settings": {"steps": ev.steps, "guidance_scale": ev.guidance_scale, "prompts": ev.prompts or "(small world)",
                            "attack_tokens": ev.attack_tokens, "attack_steps": ev.attack_steps},
               "methods": {}}
-    original_images = original_features = None
+    original_images = original_features = original_verdict = None
+    about = np.asarray([is_concept_row(r, concept) for r in rows])
     attack_indices = attacked_rows(rows, concept, ev.attack_prompts)
     for name, params in models.items():
         folder = out / "images" / name
@@ -187,8 +215,16 @@ def evaluate_models(config, bundle, models: dict[str, dict], out: str | Path, me
         figures = summarise(rows, verdict, clip_scores, concept)
         feats = features(images)
         if original_images is None:
-            original_images, original_features = images, feats
-        figures["fid_vs_original"] = None if feats is None else frechet_between(original_features, feats)
+            original_images, original_features, original_verdict = images, feats, verdict
+        elif verdict is not None and (~about).any():  # paired: the same rows and seeds as the original's
+            judged = ~about & ~np.isnan(verdict.correct) & ~np.isnan(original_verdict.correct)
+            if judged.any():
+                figures["other_change"] = stats.paired_change(verdict.correct[judged], original_verdict.correct[judged])
+        # usability on the rows not about the concept; the concept rows' own distance apart
+        fid = lambda mask: (None if feats is None or mask.sum() < 2 else
+                            frechet_between(original_features[mask], feats[mask]))
+        figures["fid_vs_original"] = fid(~about)
+        figures["fid_concept_rows"] = fid(about)
         can_attack = judge is not None and ev.attack_tokens > 0 and ev.attack_steps > 0 and attack_indices
         if can_attack and name != "original":
             before = verdict.shows_concept[attack_indices]
@@ -215,21 +251,29 @@ def _fmt(value) -> str:
 
 
 def format_markdown(report: dict) -> str:
-    columns = [("asr", "ASR"), ("asr_attacked_rows", "ASR (attacked rows)"), ("asr_attack", "ASR under attack"),
-               ("other_accuracy", "other classes right"), ("clip_score", "CLIP score"),
-               ("fid_vs_original", "FID vs original")]
+    columns = [("ASR", lambda m: stats.percent(m["rates"]["asr"]) if m.get("rates") else _fmt(m.get("asr"))),
+               ("ASR (attacked rows)", lambda m: _fmt(m.get("asr_attacked_rows"))),
+               ("ASR under attack", lambda m: _fmt(m.get("asr_attack"))),
+               ("other classes right", lambda m: stats.percent((m.get("rates") or {}).get("other_accuracy"))),
+               ("change", lambda m: stats.points(m.get("other_change"))),
+               ("CLIP score", lambda m: _fmt(m.get("clip_score"))),
+               ("FID vs original", lambda m: _fmt(m.get("fid_vs_original"))),
+               ("FID (concept rows)", lambda m: _fmt(m.get("fid_concept_rows")))]
     lines = [f"# Evaluation: erasing `{report['concept']}`", "",
-             f"Judge: {report['judge'] or 'none'}. FID features: {report['fid_features']}.", "",
-             "| model | " + " | ".join(label for _, label in columns) + " |",
+             f"Judge: {report['judge'] or 'none'}. FID features: {report['fid_features']}. CLIP score and FID: the "
+             f"rows not about the concept; rates: % [95 % interval] (k/n).", "",
+             "| model | " + " | ".join(label for label, _ in columns) + " |",
              "|---|" + "---:|" * len(columns)]
     for name, m in report["methods"].items():
-        lines.append(f"| {name} | " + " | ".join(_fmt(m.get(key)) for key, _ in columns) + " |")
+        lines.append(f"| {name} | " + " | ".join(cell(m) for _, cell in columns) + " |")
     groups = list(next(iter(report["methods"].values()))["groups"])
-    lines += ["", "Per group: fraction of images showing the concept (accuracy on the group's own class).", "",
+    lines += ["", "Per group: fraction of images showing the concept (accuracy on the group's own class"
+              "; clean pictures, where the judge says).", "",
               "| model | " + " | ".join(groups) + " |", "|---|" + "---:|" * len(groups)]
     for name, m in report["methods"].items():
-        cells = [f"{_fmt(m['groups'][g]['concept_rate'])} ({_fmt(m['groups'][g]['accuracy'])})" for g in groups]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        cell = lambda g: (f"{_fmt(g['concept_rate'])} ({_fmt(g['accuracy'])}"
+                          + (f"; {_fmt(g['coherence']['rate'])}" if g.get("coherence") else "") + ")")
+        lines.append(f"| {name} | " + " | ".join(cell(m["groups"][g]) for g in groups) + " |")
     examples = {n: m["attack_examples"] for n, m in report["methods"].items() if m.get("attack_examples")}
     if examples:
         lines += ["", "Adversarial prompts found (first few):", ""]

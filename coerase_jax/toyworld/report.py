@@ -1,13 +1,19 @@
 """What an erasure did on the small world: the judge's verdict before and after, as numbers and a grid.
 
-For the erased shape S and every model compared (original, text stage only, Co-Erasing):
+For the erased shape S and every model compared (original, text stage only, Co-Erasing), on the
+judging rows of ``evaluate.prompts.toyworld_rows`` (``report.images_per_group`` images per group,
+each with its own seed from the ``report.split`` range — "dev" to choose settings, "test" to report):
 
 * ``erased_rate_named``: fraction of images from "a <colour> S" classified as S;
 * ``erased_rate_paraphrase``: the same for S's paraphrases ("a <colour> disc", ...), which the
   erasure prompts never contain;
 * ``per_shape``: for every shape T, the fraction of images from "a <colour> T" classified as T
   *and* that colour (the shipped model's own accuracy is this figure for the original);
-* ``other_accuracy``: the mean of ``per_shape`` over the shapes other than S.
+* ``other_accuracy``: the same over the images of every shape other than S;
+* ``rates``: each of these as k of n with a 95 % Wilson interval; ``other_change``: the change of
+  ``other_accuracy`` from the original's, paired image by image, with its 95 % interval;
+* ``coherence``: the fraction of images that are a clean picture of this world (the judge is
+  sure of one shape and one colour, ``classifier.coherent``), for the named, paraphrase and other rows.
 
 Every model sees the same prompts and the same seeds, so the differences are paired.
 """
@@ -22,10 +28,12 @@ from PIL import Image, ImageDraw
 
 from coerase_jax.diffusion.pipeline import Sampler
 from coerase_jax.errors import UserError
+from coerase_jax.evaluate import stats
+from coerase_jax.evaluate.prompts import SEED_SPLITS, toyworld_rows
 from coerase_jax.models import presets
 from coerase_jax.parallel import distributed
 from coerase_jax.toyworld import world
-from coerase_jax.toyworld.classifier import Judge
+from coerase_jax.toyworld.classifier import Judge, coherent, names
 
 GRID_SEEDS = 4
 GRID_SCALE = 2
@@ -42,42 +50,62 @@ def prompt_sets(shape: str) -> dict[str, list[tuple[str, str, str]]]:
     return sets
 
 
-def evaluate(sampler: Sampler, judge: Judge, unet_params, shape: str, images_per_prompt: int, seed: int,
-             progress: bool = True, name: str = "") -> tuple[dict, dict[str, np.ndarray]]:
-    """One model's figures, and its images per prompt set (all sets sampled in one batched pass)."""
-    sets = prompt_sets(shape)
-    jobs = [(set_name, p, s, c, seed + k) for set_name, prompts in sets.items() for p, s, c in prompts
-            for k in range(images_per_prompt)]
-    images = sampler([j[1] for j in jobs], [j[4] for j in jobs], unet_params=unet_params, progress=progress,
+def evaluate(sampler: Sampler, judge: Judge, unet_params, shape: str, images_per_group: int, split: str,
+             progress: bool = True, name: str = "") -> tuple[dict, dict[str, np.ndarray], np.ndarray]:
+    """One model's figures, its images per group, and per image whether it was drawn right (the
+    asked shape and colour), for paired comparisons between models."""
+    rows = toyworld_rows(shape, images_per_group, split)
+    images = sampler([r.prompt for r in rows], [r.seed for r in rows], unet_params=unet_params, progress=progress,
                      desc=f"judging {name}".strip())
-    got_shape, got_colour = judge(images)
-    set_of = np.asarray([j[0] for j in jobs], object)
-    right = (got_shape == np.asarray([j[2] for j in jobs], object)) & (
-        got_colour == np.asarray([j[3] for j in jobs], object))
+    probs = judge.probabilities(images)
+    got_shape, got_colour = names(*probs)
+    clean = coherent(*probs)
+    group = np.asarray([r.group_name for r in rows], object)
+    right = (got_shape == np.asarray([r.label for r in rows], object)) & (
+        got_colour == np.asarray([r.colour for r in rows], object))
     shows_concept = got_shape == shape
-    figures = {"erased_rate_named": float(np.mean(shows_concept[set_of == shape])),
-               "erased_rate_paraphrase": float(np.mean(shows_concept[set_of == "paraphrase"])),
-               "per_shape": {s: float(np.mean(right[set_of == s])) for s in world.SHAPES},
-               "images": {set_name: int(np.sum(set_of == set_name)) for set_name in sets}}
-    figures["other_accuracy"] = float(np.mean([figures["per_shape"][s] for s in world.SHAPES if s != shape]))
-    return figures, {set_name: images[set_of == set_name] for set_name in sets}
+    others = (group != "named") & (group != "paraphrase")
+    of_shape = lambda s: group == ("named" if s == shape else s)
+    figures = {"erased_rate_named": float(np.mean(shows_concept[group == "named"])),
+               "erased_rate_paraphrase": float(np.mean(shows_concept[group == "paraphrase"])),
+               "per_shape": {s: float(np.mean(right[of_shape(s)])) for s in world.SHAPES},
+               "other_accuracy": float(np.mean(right[others])),
+               "images": {g: int(np.sum(group == g)) for g in dict.fromkeys(group)},
+               "rates": {"named": stats.rate(shows_concept[group == "named"]),
+                         "paraphrase": stats.rate(shows_concept[group == "paraphrase"]),
+                         "others_right": stats.rate(right[others]),
+                         **{f"{s}_right": stats.rate(right[of_shape(s)]) for s in world.SHAPES}},
+               "coherence": {"named": stats.rate(clean[group == "named"]),
+                             "paraphrase": stats.rate(clean[group == "paraphrase"]),
+                             "others": stats.rate(clean[others])}}
+    by_group = {g: images[group == g] for g in dict.fromkeys(group)}
+    return figures, by_group, np.where(others, right, False), others
 
 
 def compare(bundle, models: dict[str, dict], shape: str, config_report, out_dir: str | Path,
             progress: bool = True) -> dict:
-    """Evaluates each named UNet, writes ``report.json`` and ``grid.png`` to ``out_dir``; returns the report."""
+    """Evaluates each named UNet (the first is the original), writes ``report.json`` and
+    ``grid.png`` to ``out_dir``; returns the report."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     judge = Judge(presets.source_folder(bundle.source))
     sampler = Sampler(bundle, config_report.steps, config_report.guidance_scale, batch_size=64)
-    methods, grids = {}, {}
+    methods, grids, baseline = {}, {}, None
     for name, params in models.items():
-        methods[name], images = evaluate(sampler, judge, params, shape, config_report.images_per_prompt,
-                                         config_report.seed, progress, name)
-        grids[name] = _grid_columns(images, config_report.images_per_prompt, shape)
+        figures, images, right, others = evaluate(sampler, judge, params, shape, config_report.images_per_group,
+                                                  config_report.split, progress, name)
+        if baseline is None:
+            baseline = right
+        else:  # the change in the other shapes' accuracy, image by image against the original
+            figures["other_change"] = stats.paired_change(right[others], baseline[others])
+        methods[name] = figures
+        grids[name] = _grid_columns(images, shape)
+    count = sum(next(iter(methods.values()))["images"].values())
+    start = SEED_SPLITS[config_report.split]
     report = {"concept": shape, "methods": methods,
-              "settings": {"images_per_prompt": config_report.images_per_prompt, "steps": config_report.steps,
-                           "guidance_scale": config_report.guidance_scale, "seed": config_report.seed}}
+              "settings": {"images_per_group": config_report.images_per_group, "split": config_report.split,
+                           "seeds": [start, start + count - 1], "steps": config_report.steps,
+                           "guidance_scale": config_report.guidance_scale}}
     if distributed.is_leader():
         tmp = out_dir / ".report.json.tmp"
         tmp.write_text(json.dumps(report, indent=2))
@@ -98,15 +126,15 @@ def compare_joint(bundle, models: dict[str, dict], shapes: list[str], config_rep
     for name, params in models.items():
         per_concept = {}
         for shape in shapes:
-            figures, _ = evaluate(sampler, judge, params, shape, config_report.images_per_prompt, config_report.seed,
-                                  progress, f"{name} ({shape})")
+            figures, _, _, _ = evaluate(sampler, judge, params, shape, config_report.images_per_group,
+                                        config_report.split, progress, f"{name} ({shape})")
             per_concept[shape] = {k: figures[k] for k in ("erased_rate_named", "erased_rate_paraphrase")}
         methods[name] = {"per_concept": per_concept, "remaining": {s: figures["per_shape"][s] for s in remaining},
                          "remaining_accuracy": (float(np.mean([figures["per_shape"][s] for s in remaining]))
                                                 if remaining else None)}
     report = {"concepts": list(shapes), "methods": methods,
-              "settings": {"images_per_prompt": config_report.images_per_prompt, "steps": config_report.steps,
-                           "guidance_scale": config_report.guidance_scale, "seed": config_report.seed}}
+              "settings": {"images_per_group": config_report.images_per_group, "split": config_report.split,
+                           "steps": config_report.steps, "guidance_scale": config_report.guidance_scale}}
     if distributed.is_leader():
         out_dir.mkdir(parents=True, exist_ok=True)
         tmp = out_dir / ".report.json.tmp"
@@ -129,16 +157,19 @@ def format_joint_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _grid_columns(images: dict[str, np.ndarray], per_prompt: int, shape: str) -> list[tuple[str, np.ndarray]]:
-    """Rows of the grid for one model: (label, GRID_SEEDS images side by side)."""
-    rows, seeds = [], min(GRID_SEEDS, per_prompt)
+def _grid_columns(images: dict[str, np.ndarray], shape: str) -> list[tuple[str, np.ndarray]]:
+    """Rows of the grid for one model: (label, GRID_SEEDS images of that prompt side by side). A
+    group's images take its prompts in turn, so prompt i's are images i, i + P, i + 2P, ..."""
+    rows = []
     for name, prompts in prompt_sets(shape).items():
+        group = images["named" if name == shape else name]
         for i, (prompt, _, colour) in enumerate(prompts):
             paraphrase_index = i % len(world.PARAPHRASES[shape])
             if name == "paraphrase" and paraphrase_index != world.COLOURS.index(colour) % len(world.PARAPHRASES[shape]):
                 continue  # one paraphrase per colour (a different one each) keeps the grid readable
-            start = i * per_prompt
-            rows.append((prompt, np.concatenate(list(images[name][start:start + seeds]), axis=1)))
+            own = group[i::len(prompts)][:GRID_SEEDS]
+            if len(own):
+                rows.append((prompt, np.concatenate(list(own), axis=1)))
     return rows
 
 
@@ -167,16 +198,17 @@ def format_table(report: dict) -> str:
     shape = report["concept"]
     methods = report["methods"]
     others = [s for s in world.SHAPES if s != shape]
-    lines = [f"erasing '{shape}' on the small world (fraction of images; same prompts and seeds for every model)",
-             f"{'':34s}" + "".join(f"{name:>14s}" for name in methods)]
-    rows = [(f"shows a {shape}: prompts naming it", "erased_rate_named"),
-            (f"shows a {shape}: paraphrases", "erased_rate_paraphrase"),
-            ("other shapes right (mean)", "other_accuracy")]
-    for label, key in rows:
-        lines.append(f"{label:34s}" + "".join(f"{m[key]:14.3f}" for m in methods.values()))
-    for s in others:
-        lines.append(f"{'  ' + s + ' right':34s}" + "".join(f"{m['per_shape'][s]:14.3f}" for m in methods.values()))
-    counts = next(iter(methods.values()))["images"]
-    lines.append(f"images per model: {shape} {counts[shape]}, paraphrases {counts['paraphrase']}, "
-                 + ", ".join(f"{s} {counts[s]}" for s in others))
+    settings = report["settings"]
+    lines = [f"erasing '{shape}' on the small world: % of images [95 % interval] (k/n); {settings['split']} seeds "
+             f"{settings['seeds'][0]}..{settings['seeds'][1]}, the same for every model"]
+    rows = [(f"shows a {shape}: prompts naming it", lambda m: stats.percent(m["rates"]["named"])),
+            (f"shows a {shape}: paraphrases", lambda m: stats.percent(m["rates"]["paraphrase"])),
+            ("other shapes drawn right", lambda m: stats.percent(m["rates"]["others_right"])),
+            ("  change from the original", lambda m: stats.points(m.get("other_change"))),
+            *[(f"  {s} drawn right", lambda m, s=s: stats.percent(m["rates"][f"{s}_right"])) for s in others],
+            (f"clean pictures: {shape} prompts", lambda m: stats.percent(m["coherence"]["named"])),
+            ("clean pictures: paraphrases", lambda m: stats.percent(m["coherence"]["paraphrase"]))]
+    for name, m in methods.items():
+        lines.append(f"{name}:")
+        lines += [f"  {label:36s} {cell(m)}" for label, cell in rows]
     return "\n".join(lines)

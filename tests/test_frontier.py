@@ -1,0 +1,79 @@
+"""`coerase frontier`: equal budget enforced, Pareto fronts and matched-usability gaps by hand,
+and the statistics every figure carries."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from coerase_jax.configuration import load_config
+from coerase_jax.errors import UserError
+from coerase_jax.evaluate import stats
+from coerase_jax.evaluate.frontier import analyse, pareto_front, plan_points, point_config
+
+
+def test_every_point_spends_the_same_budget(tmp_path):
+    config = load_config("configs/frontier_toyworld.py")
+    points = plan_points(config)
+    assert {p.method for p in points} == {"text_only", "image_only", "text_then_image"}
+    assert sum(p.method == "text_only" for p in points) >= 6 and sum(p.method != "text_only" for p in points) >= 6
+    for point in points:
+        cfg = point_config(config, point, tmp_path)
+        assert cfg.run_dir == str(tmp_path / "points" / point.name)
+        assert cfg.data.image_dir == str(tmp_path / "references")  # generated once, shared
+    with config.unlocked():
+        config.frontier.methods = (("short", (("erase.stages", ("text",)), ("text_stage.steps", 399)), ()),)
+    with pytest.raises(UserError, match="399 iterations, not frontier.iterations = 400"):
+        point_config(config, plan_points(config)[0], tmp_path)
+
+
+def _rate(k, n):
+    return {"rate": k / n, "k": k, "n": n, "ci95": list(stats.wilson(k, n))}
+
+
+def _model(named_k, para_k, change, n=100):
+    return {"groups": {"named": {"images": n, "concept_rate": named_k / n},
+                       "paraphrase": {"images": n, "concept_rate": para_k / n}},
+            "rates": {"other_accuracy": _rate(90, 100)},
+            "other_change": {"change": change, "n": 200, "ci95": [change - 0.02, change + 0.02]},
+            "fid_vs_original": 1.0, "clip_score": 0.7}
+
+
+def test_fronts_and_the_gap_at_matched_usability_by_hand():
+    from coerase_jax.evaluate.frontier import Point
+
+    points = [Point("text", (), (("text_stage.learning_rate", lr),)) for lr in (1e-4, 2e-4, 4e-4)] + \
+             [Point("image", (), (("image_stage.learning_rate", lr),)) for lr in (1e-4, 2e-4)]
+    methods = {"original": _model(90, 90, 0.0)}
+    # text: 60 % at -1 pt, 40 % at -3 pts, 10 % at -9 pts (too costly); image: 20 % at -2, 30 % at -4 (dominated)
+    for p, (named, para, change) in zip(points, [(60, 60, -0.01), (40, 40, -0.03), (10, 10, -0.09),
+                                                 (20, 20, -0.02), (30, 30, -0.04)]):
+        methods[p.name] = _model(named, para, change)
+    frontier = analyse({"concept": "circle", "judge": "j", "fid_features": "f", "methods": methods}, points, 0.05)
+    text, image = frontier["methods"]["text"], frontier["methods"]["image"]
+    assert text["fronts"]["paraphrase"] == [points[0].name, points[1].name, points[2].name]
+    assert image["fronts"]["paraphrase"] == [points[3].name]  # 30 % at -4 is beaten by 20 % at -2
+    assert text["best_at_matched_usability"]["paraphrase"] == points[1].name  # -9 pts is over the 5-point limit
+    assert image["best_at_matched_usability"]["paraphrase"] == points[3].name
+    gap = frontier["gaps"]["text - image"]["paraphrase"]
+    assert gap["difference"] == pytest.approx(0.40 - 0.20)
+    assert gap["ci95"][0] < 0.2 < gap["ci95"][1] and gap["ci95"][0] > 0.05  # 40/100 vs 20/100: clearly apart
+    assert "attack" not in frontier["gaps"]["text - image"]  # no attack was run
+    rows = [{"name": "a", "paraphrase": _rate(5, 10), "other_change": {"change": 0.0}},
+            {"name": "b", "paraphrase": _rate(5, 10), "other_change": {"change": 0.0}}]
+    assert pareto_front(rows, "paraphrase") == ["a", "b"]  # ties dominate nobody
+
+
+def test_wilson_paired_and_newcombe_intervals_by_hand():
+    lo, hi = stats.wilson(0, 20)
+    assert lo == 0.0 and hi == pytest.approx(0.1611, abs=1e-4)  # the textbook 0/20 upper bound
+    assert stats.wilson(10, 20) == pytest.approx((0.2993, 0.7007), abs=1e-4)  # (the textbook 10/20)
+    change = stats.paired_change(np.array([1, 1, 0, 1]), np.array([1, 0, 0, 0]))
+    assert change["change"] == 0.5 and change["n"] == 4
+    sd = np.std([0, 1, 0, 1], ddof=1)
+    assert change["ci95"][1] - 0.5 == pytest.approx(stats.Z95 * sd / 2)
+    d = stats.difference(40, 100, 20, 100)  # Newcombe: each side's Wilson distance, added in quadrature
+    (l1, u1), (l2, u2) = stats.wilson(40, 100), stats.wilson(20, 100)
+    assert l1 == pytest.approx(0.3094, abs=1e-4) and u2 == pytest.approx(0.2888, abs=1e-4)
+    assert d["difference"] == pytest.approx(0.2)
+    assert d["ci95"] == pytest.approx([0.2 - np.hypot(0.4 - l1, u2 - 0.2), 0.2 + np.hypot(u1 - 0.4, 0.2 - l2)])
