@@ -183,6 +183,10 @@ def base_config(source: str) -> ml_collections.ConfigDict:
         "batch_size": 1,
         "ddim_steps": 50,
         "eta": 1.0,  # negative guidance strength
+        # "" = the empty prompt c_0 (the paper). Else (a departure, off by default) this prompt takes c_0's
+        # place in the target eps_0(c_0) - eta (eps_0(c) - eps_0(c_0)) and in z_t's guidance: erased
+        # prompts are steered to the anchor's pictures (e.g. "a square") instead of to textures.
+        "anchor_prompt": "",
         "text_uncond": True,  # unconditional teacher term without image tokens (the paper's setting)
         "zt_sampler": "trainee",  # which UNet samples z_t: trainee (ESD, Co-Erasing) | teacher
         "zt_guidance": 1.0,  # CFG scale while sampling z_t (1.0 = none, as Co-Erasing; ESD used 3)

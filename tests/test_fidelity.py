@@ -194,3 +194,19 @@ def test_reference_preset_runs_both_stages_end_to_end(tmp_path):
     assert (resolved["erase"]["zt_scheduler"], resolved["erase"]["timestep_pairing"]) == ("ddpm", "bin")
     assert resolved["image_stage"]["subset"] == "esd-u-reference"
     assert "[image] compiled the step" in result.stdout
+
+
+def test_an_anchor_prompt_takes_the_empty_prompts_place(tiny_bundle):
+    """erase.anchor_prompt (a marked departure): the target's reference term is the anchor's states."""
+    from coerase_jax.erase.trainer import encode_prompts
+
+    config = load_config("configs/tiny.py")
+    plain = encode_prompts(tiny_bundle, config)
+    with config.unlocked():
+        config.erase.anchor_prompt = "a blue square"
+    anchored = encode_prompts(tiny_bundle, config)
+    encode = jax.jit(tiny_bundle.encode_text)
+    expected = np.asarray(encode(tiny_bundle.text_params, tiny_bundle.tokenize(["a blue square"])))[0]
+    np.testing.assert_array_equal(anchored.uncond_states, expected)
+    np.testing.assert_array_equal(anchored.prompt_states, plain.prompt_states)
+    assert np.abs(anchored.uncond_states - plain.uncond_states).max() > 1e-3

@@ -104,7 +104,7 @@ class ConceptData:
     """Everything a step gathers from, encoded once: prompt states and image embeddings."""
 
     prompt_states: np.ndarray  # (P, L, D) concept prompts
-    uncond_states: np.ndarray  # (L, D) empty prompt
+    uncond_states: np.ndarray  # (L, D) the empty prompt c_0 (or erase.anchor_prompt in its place)
     guide_states: np.ndarray  # (P, L, D) refinement guide per prompt
     guide_masks: np.ndarray  # (P, L)
     image_embeds: np.ndarray | None  # (N, E)
@@ -141,7 +141,10 @@ def encode_prompts(bundle: Bundle, config) -> ConceptData:
     encode = jax.jit(bundle.encode_text)
     ids = bundle.tokenize(prompts)
     states = np.asarray(encode(bundle.text_params, ids))
-    uncond = np.asarray(encode(bundle.text_params, bundle.tokenize([""])))[0]
+    # DEPARTURE FROM THE PAPER when set (off by default): an anchor prompt takes the empty prompt's
+    # place, so the concept is pushed towards the anchor's pictures instead of away into whatever
+    # the unconditional model draws.
+    uncond = np.asarray(encode(bundle.text_params, bundle.tokenize([config.erase.anchor_prompt])))[0]
     guide_ids = bundle.tokenize([guide] * len(prompts)) if guide else ids
     guide_states = np.asarray(encode(bundle.text_params, guide_ids)) if guide else states
     if config.erase.refine_mask_padding:

@@ -211,7 +211,30 @@ def analyse(report: dict, points: list[Point], max_collateral: float) -> dict:
                                                       **stats.difference(ra["k"], ra["n"], rb["k"], rb["n"])}
     return {"concept": report["concept"], "judge": report["judge"], "fid_features": report["fid_features"],
             "max_collateral": max_collateral, "original": original, "points": rows, "methods": by_method,
-            "gaps": gaps}
+            "gaps": gaps, "over_seeds": over_seeds(rows)}
+
+
+def over_seeds(rows: list[dict]) -> list[dict]:
+    """Settings repeated over several erasure seeds (``erase.seed`` among the knobs): each figure's
+    mean, smallest and largest over the seeds — a figure that moves with the seed is not a result."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if "erase.seed" in r["knobs"]:
+            key = (r["method"],) + tuple(sorted((k, v) for k, v in r["knobs"].items() if k != "erase.seed"))
+            groups.setdefault(key, []).append(r)
+    out = []
+    for (method, *knobs), members in groups.items():
+        if len(members) < 2:
+            continue
+        summary = {"method": method, "knobs": dict(knobs), "seeds": [m["knobs"]["erase.seed"] for m in members]}
+        for figure, value in (("named", lambda m: m["named"]["rate"]), ("paraphrase", lambda m: m["paraphrase"]["rate"]),
+                              ("attack", lambda m: m["attack"]["rate"] if m["attack"] else None),
+                              ("other_change", lambda m: m["other_change"]["change"] if m["other_change"] else None)):
+            values = [value(m) for m in members]
+            if None not in values:
+                summary[figure] = {"mean": float(np.mean(values)), "min": float(min(values)), "max": float(max(values))}
+        out.append(summary)
+    return out
 
 
 # --------------------------------------------------------------------------- files
@@ -238,6 +261,14 @@ def format_markdown(frontier: dict) -> str:
     for method, m in frontier["methods"].items():
         best = ", ".join(f"{label}: {m['best_at_matched_usability'].get(e, '–')}" for e, label in EFFICACY)
         lines.append(f"- {method}: {best}; Pareto front (paraphrase): {', '.join(m['fronts']['paraphrase']) or '–'}")
+    if frontier.get("over_seeds"):
+        lines += ["", "Over erasure seeds: mean [smallest, largest] (%; change in points):", ""]
+        spread = lambda f: (f"{100 * f['mean']:.1f} [{100 * f['min']:.1f}, {100 * f['max']:.1f}]" if f else "–")
+        for s in frontier["over_seeds"]:
+            knobs = " ".join(f"{k}={_short(v)}" for k, v in s["knobs"].items())
+            lines.append(f"- {s['method']} {knobs} (seeds {', '.join(map(str, s['seeds']))}): named "
+                         f"{spread(s.get('named'))}, paraphrase {spread(s.get('paraphrase'))}, under attack "
+                         f"{spread(s.get('attack'))}, other classes' change {spread(s.get('other_change'))}")
     if frontier["gaps"]:
         lines += ["", "Gaps at matched usability (first method minus each other; positive: the other erases more):", ""]
         for pair, per in frontier["gaps"].items():

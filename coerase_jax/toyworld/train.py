@@ -90,6 +90,12 @@ class TrainPlan:
     # other shapes fell from 0.90 to 0.65 right; with this one too, 0.06 while they fall from 0.92 to
     # 0.81; with the default config's settings 0.09, the others 0.92 -> 0.90 (#4 note).
     clip_token_identity: bool = True
+    # Whether the CLIP towers see the paraphrase captions ("a red disc"). With false (#18's variant)
+    # the text tower learns only the shapes' names, so a paraphrase's hidden states are not pulled
+    # towards its shape's name: the UNet alone learns to draw a circle for "disc", as SD draws nudity
+    # for implicit prompts whose text states lie far from "nudity". Erasing the name from text then
+    # need not reach the paraphrases; erasing through images still can — the gap Co-Erasing is for.
+    clip_paraphrases: bool = True
     finetune_text: bool = False  # train the text tower with the UNet (SD froze it)
 
     def with_overrides(self, pairs: list[str]) -> "TrainPlan":
@@ -180,9 +186,9 @@ def make_renders(count: int, seed: int) -> Renders:
 class CaptionTable:
     """Every caption of the world, tokenised once, with the shape and colour (-1: none) it names."""
 
-    def __init__(self, tokenizer, length: int, colourless_fraction: float = 0.0):
+    def __init__(self, tokenizer, length: int, colourless_fraction: float = 0.0, paraphrases: bool = True):
         self.colourless_fraction = colourless_fraction
-        captions = world.all_captions()
+        captions = [c for c in world.all_captions() if paraphrases or world.NAMES[c[1]] in c[0].split()]
         self.texts = [text for text, _, _ in captions]
         self.ids = tokenize(tokenizer, self.texts, length)
         self.shape = np.asarray([world.SHAPES.index(s) for _, s, _ in captions], np.int32)
@@ -463,7 +469,7 @@ def build_world_model(out: str | Path, plan: TrainPlan = TrainPlan(), progress: 
     text_config = presets.world_text_config(vocab_size)
     vision_config = presets.world_vision_config()
     text_encoder, image_encoder = CLIPTextEncoder(text_config), CLIPImageEncoder(vision_config)
-    clip_captions = CaptionTable(tokenizer, text_config.max_position_embeddings)
+    clip_captions = CaptionTable(tokenizer, text_config.max_position_embeddings, paraphrases=plan.clip_paraphrases)
     captions = CaptionTable(tokenizer, text_config.max_position_embeddings, plan.colourless_fraction)
     schedule = NoiseSchedule.from_config(presets.SD_SCHEDULER)
 
