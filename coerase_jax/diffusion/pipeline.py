@@ -72,7 +72,7 @@ class Sampler:
             unet_params, text_params = jax.device_put((unet_params, text_params), replicated)
         ids = b.tokenize(list(prompts))
         # the unconditional branch once per call (SDXL: zeros for an empty negative prompt)
-        uncond_text, uncond_added = jax.device_get(self._unconditional(text_params, b.tokenize([negative_prompt]),
+        uncond_text, uncond_added = jax.device_get(self._unconditional(b.text_params, b.tokenize([negative_prompt]),
                                                                        not negative_prompt))
         uncond_text = np.repeat(uncond_text, len(prompts), axis=0)
         uncond_added = None if uncond_added is None else np.repeat(uncond_added, len(prompts), axis=0)
