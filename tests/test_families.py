@@ -25,7 +25,7 @@ def coerase(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
     return result
 
 
-@pytest.mark.slow  # (measured 177 s for SDXL, 137 s for SD 2.x on 2 shared cores: references, both stages, export, sample, eval)
+@pytest.mark.slow  # (measured 177 s SDXL, 137 s SD 2.x, 2 shared cores: references, both stages, export, sample, eval)
 @pytest.mark.parametrize("config, preset", FAMILIES)
 def test_erase_both_stages_then_export_sample_and_eval(config, preset, tmp_path):
     from coerase_jax.configuration import load_config
@@ -109,7 +109,7 @@ def test_sdxl_lora_export_and_a_side_by_side_sweep(tmp_path):
     assert (tmp_path / "sweep" / "sweep.csv").read_text().count("\n") == 5  # header + 2 concepts x 2 rates
 
 
-X
+@pytest.mark.slow  # (measured 61-66 s each: bench compiles and times a tiny family's image stage)
 @pytest.mark.parametrize("preset", ["tiny-sd2", "tiny-sdxl"])
 def test_bench_runs_on_both_tiny_families(preset, tmp_path):
     out = tmp_path / "bench.json"
