@@ -109,7 +109,8 @@ def test_exported_sd2_and_sdxl_unets_match_diffusers_torch_unet(preset, tmp_path
     kwargs, added, roundings = {}, None, unet_forward_roundings(cfg)
     if cfg.addition_embed_type:
         pooled, time_ids = _sdxl_added(2, cfg.added_text_dim)
-        kwargs = {"added_cond_kwargs": {"text_embeds": torch.from_numpy(pooled), "time_ids": torch.from_numpy(time_ids)}}
+        kwargs = {"added_cond_kwargs": {"text_embeds": torch.from_numpy(pooled),
+                                        "time_ids": torch.from_numpy(time_ids)}}
         added = np.concatenate([pooled, time_ids], axis=-1)
         roundings += cfg.projection_class_embeddings_input_dim + 4 * cfg.block_out_channels[0]
     with torch.no_grad():
@@ -156,5 +157,5 @@ def test_sdxl_ip_adapter_file_matches_diffusers_torch_ip_adapter(tiny_sdxl_bundl
     assert np.abs(got - plain).max() > 1e-3  # the image tokens matter
     assert np.abs(got - expected).max() <= 1e-4
     # the image path adds the projection (E inputs, then a LayerNorm over D) and a second attention
-    assert_same_maths(got, expected, unet_forward_roundings(cfg) + 32 + 64 + 4 * 64 + cfg.projection_class_embeddings_input_dim
-                      + 4 * cfg.block_out_channels[0])
+    roundings = unet_forward_roundings(cfg) + cfg.projection_class_embeddings_input_dim + 4 * cfg.block_out_channels[0]
+    assert_same_maths(got, expected, roundings + 32 + 64 + 4 * 64)

@@ -4,8 +4,9 @@ one jitted lax loop.
 A denoiser is ``eps(params, x, t, text, image_tokens) -> output``, the model's output in its own
 prediction type (noise, or velocity for SD 2.x; ``SamplingPlan.step`` reads either); SDXL's gets
 its added conditioning as ``added_cond=``. Guidance batches the conditional and unconditional
-branches into one UNet call (and, being linear, is the same in either output space). The number of steps to run may be a traced value,
-so "denoise from T down to step i" compiles once for every i (the erasure step relies on that).
+branches into one UNet call (and, being linear, is the same in either output space). The number
+of steps to run may be a traced value, so "denoise from T down to step i" compiles once for every
+i (the erasure step relies on that).
 """
 
 from __future__ import annotations

@@ -116,9 +116,8 @@ class Bundle:
         """SDXL's ``text_time`` input: the pooled text embedding, then the time ids (None for SD 1.x/2.x)."""
         if not self.unet.config.addition_embed_type:
             return None
-        size = float(self.image_size)
-        time_ids = jnp.broadcast_to(jnp.asarray([size, size, 0.0, 0.0, size, size][:self.unet.config.added_time_ids],
-                                                jnp.float32), (pooled.shape[0], self.unet.config.added_time_ids))
+        size = float(self.image_size)  # original size, crop corner (0, 0), target size
+        time_ids = jnp.broadcast_to(jnp.asarray([size, size, 0.0, 0.0, size, size], jnp.float32), (pooled.shape[0], 6))
         return jnp.concatenate([pooled.astype(jnp.float32), time_ids], axis=-1)
 
     def unconditional(self, text_params, token_ids: jax.Array, empty: bool) -> tuple[jax.Array, jax.Array | None]:
@@ -128,12 +127,9 @@ class Bundle:
         states, added = self.encode_conditioning(text_params, token_ids)
         if not (empty and self.zero_empty_prompt):
             return states, added
-        zero_added = None if added is None else self.added_cond(jnp.zeros((added.shape[0], self.pooled_dim)))
+        zero_added = None if added is None else self.added_cond(
+            jnp.zeros((added.shape[0], self.unet.config.added_text_dim)))
         return jnp.zeros_like(states), zero_added
-
-    @property
-    def pooled_dim(self) -> int:
-        return self.unet.config.added_text_dim if self.unet.config.addition_embed_type else 0
 
     def unet_eps(self, unet_params, x, t, text, image_tokens=None, image_scale=1.0, added_cond=None) -> jax.Array:
         """The UNet's output: the noise, or the velocity for a v-prediction model (SD 2.x)."""
@@ -352,6 +348,8 @@ def _check_text_fits_unet(text_encoder, unet_config: UNetConfig, root: Path) -> 
         width = text_encoder.config.hidden_size + text_encoder.config_2.hidden_size
         if not unet_config.addition_embed_type:
             raise UserError(f"{root}: text_encoder_2/ is there (SDXL) but the UNet has no text_time conditioning")
+        if unet_config.added_time_ids != 6:
+            raise UserError(f"{root}: the SDXL refiner (aesthetic-score conditioning) is not supported; use SDXL base")
         if text_encoder.config_2.projection_dim != unet_config.added_text_dim:
             raise UserError(f"{root}: text_encoder_2's projection_dim {text_encoder.config_2.projection_dim} does "
                             f"not fit the UNet's text_time pooled width {unet_config.added_text_dim}")

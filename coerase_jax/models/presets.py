@@ -225,8 +225,9 @@ def write_tiny_bundle(folder: str | Path, seed: int = 0, family: str = "sd1") ->
 
     vae_config = {**TINY_VAE, "scaling_factor": 0.13025} if family == "sdxl" else TINY_VAE
     vae = vae_lib.build_vae(vae_config)
+    vae_params = random_params(lambda k: vae_lib.init_vae_params(vae, k), rng)
     convert.write_safetensors(folder / "vae" / "diffusion_pytorch_model.safetensors",
-                              convert.flax_to_torch_state(random_params(lambda k: vae_lib.init_vae_params(vae, k), rng)))
+                              convert.flax_to_torch_state(vae_params))
     convert.write_json(folder / "vae" / "config.json", vae_config)
 
     openclip = family == "sd2"  # SD 2.x's one tower is OpenCLIP's; SDXL's first is OpenAI's
