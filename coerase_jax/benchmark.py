@@ -47,7 +47,8 @@ from coerase_jax.erase.trainer import optimizer_for, plan_stages, zt_plan
 from coerase_jax.errors import UserError
 from coerase_jax.models.bundle import DTYPES, precision_from_config
 from coerase_jax.models.image_proj import ImageProjection
-from coerase_jax.models.presets import SD_SCHEDULER, TINY_UNET
+from coerase_jax.models import presets
+from coerase_jax.models.presets import SD21_UNET, SD_SCHEDULER, SDXL_UNET, TINY_UNET
 from coerase_jax.models.unet import UNet, UNetConfig
 from coerase_jax.parallel import mesh as mesh_lib
 
@@ -73,15 +74,23 @@ class Shapes:
     unet: UNetConfig
     text_len: int = 77
     embed_dim: int = 1024
+    prediction_type: str = "epsilon"  # v_prediction for SD 2.x (the sampler's arithmetic only)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         return (self.unet.in_channels, self.unet.sample_size, self.unet.sample_size)
 
+    @property
+    def scheduler(self) -> dict:
+        return {**SD_SCHEDULER, "prediction_type": self.prediction_type}
+
 
 SHAPES = {
     "tiny": Shapes("tiny", TINY_UNET, 77, 32),
     "sd15": Shapes("sd15", UNetConfig(), 77, 1024),  # SD 1.x UNet at 512x512 (64x64 latents)
+    "sd21": Shapes("sd21", SD21_UNET, 77, 1024, "v_prediction"),  # SD 2.1 at 768x768 (96x96 latents)
+    # SDXL at 1024x1024 (128x128 latents), IP-Adapter SDXL ViT-H (1024-d image embeddings)
+    "sdxl": Shapes("sdxl", SDXL_UNET, 77, 1024),
 }
 
 
@@ -89,14 +98,16 @@ def shapes_from_config(config) -> Shapes:
     name = config.bench.shapes or config.model.source
     if name in SHAPES:
         return SHAPES[name]
-    root = Path(name)
+    root = presets.source_folder(name)  # a model folder, or a random-weight preset's (tiny-sd2, tiny-sdxl)
     unet_json = root / "unet" / "config.json"
     if not unet_json.is_file():
         raise UserError(f"bench.shapes must be one of {sorted(SHAPES)} or a model folder with unet/config.json")
     unet = UNetConfig.from_diffusers(json.loads(unet_json.read_text()))
     encoder_json = root / "image_encoder" / "config.json"
     embed = json.loads(encoder_json.read_text()).get("projection_dim", 1024) if encoder_json.is_file() else 1024
-    return Shapes(str(root), unet, 77, int(embed))
+    scheduler_json = root / "scheduler" / "scheduler_config.json"
+    prediction = json.loads(scheduler_json.read_text()).get("prediction_type") if scheduler_json.is_file() else None
+    return Shapes(str(root), unet, 77, int(embed), prediction or "epsilon")
 
 
 def _cost_flops(lowered_or_compiled) -> float:
@@ -136,7 +147,7 @@ def run_bench(config, compile_only: bool = False) -> dict[str, Any]:
     unet = UNet(shapes.unet, with_image_kv=True, precision=precision)
     proj = ImageProjection(shapes.unet.cross_attention_dim, 4)
     optimizer = optimizer_for(config, stage)
-    plan = zt_plan(SD_SCHEDULER, config)
+    plan = zt_plan(shapes.scheduler, config)
     batch_size = config.erase.batch_size
     mesh_lib.batch_size_per_replica_check(batch_size, mesh)
     teacher_dtype = DTYPES[config.erase.teacher_dtype]
@@ -149,11 +160,13 @@ def run_bench(config, compile_only: bool = False) -> dict[str, Any]:
     state = jax.eval_shape(init_state, trainable)
     d = shapes.unet.cross_attention_dim
     f32 = jnp.float32
+    added = _added_shape(shapes, batch_size)  # SDXL's pooled text + time ids; None otherwise
     batch = Batch(jax.ShapeDtypeStruct((batch_size, shapes.text_len, d), f32),
                   jax.ShapeDtypeStruct((batch_size, shapes.text_len, d), f32),
                   jax.ShapeDtypeStruct((batch_size, shapes.text_len, d), f32),
                   jax.ShapeDtypeStruct((batch_size, shapes.text_len), jnp.bool_),
-                  jax.ShapeDtypeStruct((batch_size, shapes.embed_dim), f32) if settings.use_image else None)
+                  jax.ShapeDtypeStruct((batch_size, shapes.embed_dim), f32) if settings.use_image else None,
+                  added, added)
 
     concepts = config.bench.concepts
     if concepts > 1:  # K concepts side by side: each its own trainable part, optimizer state and batch
@@ -189,7 +202,7 @@ def run_bench(config, compile_only: bool = False) -> dict[str, Any]:
     flops_unet = UNet(shapes.unet, with_image_kv=True, precision=dataclasses.replace(precision, attention_impl="xla"))
     eps = denoiser(flops_unet)
     sampler_params = _abstract(params, sh(params))
-    cond = Conditioning(jax.ShapeDtypeStruct((batch_size, shapes.text_len, d), f32))
+    cond = Conditioning(jax.ShapeDtypeStruct((batch_size, shapes.text_len, d), f32), None, added)
     uncond = cond if settings.zt_guidance != 1.0 else None
     x = jax.ShapeDtypeStruct((batch_size,) + shapes.latent_shape, f32)
     t = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
@@ -207,7 +220,7 @@ def run_bench(config, compile_only: bool = False) -> dict[str, Any]:
                                        state_sh),) + concrete[1:]
     sampler = {"sampler_compile_s": None, "sampler_batch": None, "sampler_steps": None, "images_per_s": None}
     if config.bench.sampler:
-        sample_plan = NoiseSchedule.from_config(SD_SCHEDULER).ddim_plan(config.sample.steps)
+        sample_plan = NoiseSchedule.from_config(shapes.scheduler).ddim_plan(config.sample.steps)
         sampler = _sampler_bench(eps, sample_plan, params, shapes, mesh, config,
                                  None if concrete is None else concrete[4])
 
@@ -274,6 +287,12 @@ def run_bench(config, compile_only: bool = False) -> dict[str, Any]:
     return result
 
 
+def _added_shape(shapes: Shapes, batch: int) -> jax.ShapeDtypeStruct | None:
+    """SDXL's added conditioning (pooled text + time ids) for ``batch`` examples; None without text_time."""
+    width = shapes.unet.added_cond_dim
+    return jax.ShapeDtypeStruct((batch, width), jnp.float32) if width else None
+
+
 def _materialise(unet, proj, shapes, params, teacher_dtype, init_state, mesh, config, stage):
     """Random weights, created on the devices with their final shardings (no host copy of SD)."""
     sh = lambda tree: mesh_lib.tree_shardings(tree, mesh)
@@ -295,12 +314,13 @@ def _sampler_bench(eps, plan, params, shapes: Shapes, mesh, config, concrete_par
     d = shapes.unet.cross_attention_dim
     sh = mesh_lib.tree_shardings(params, mesh)
     data = mesh_lib.batch_sharding(mesh)
-    run = jax.jit(lambda p, x, c, u: denoise(eps, p, x, plan, Conditioning(c), Conditioning(u), guidance),
+    run = jax.jit(lambda p, x, c, u: denoise(eps, p, x, plan, c, u, guidance),
                   in_shardings=(sh, data, data, data), out_shardings=data)
     f32 = jnp.float32
     shape_x, shape_c = (batch,) + shapes.latent_shape, (batch, shapes.text_len, d)
-    args = (_abstract(params, sh), jax.ShapeDtypeStruct(shape_x, f32, sharding=data),
-            jax.ShapeDtypeStruct(shape_c, f32, sharding=data), jax.ShapeDtypeStruct(shape_c, f32, sharding=data))
+    on_data = lambda a: None if a is None else jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=data)
+    cond = Conditioning(on_data(jax.ShapeDtypeStruct(shape_c, f32)), None, on_data(_added_shape(shapes, batch)))
+    args = (_abstract(params, sh), jax.ShapeDtypeStruct(shape_x, f32, sharding=data), cond, cond)
     start = time.perf_counter()
     compiled = run.lower(*args).compile()
     out = {"sampler_compile_s": round(time.perf_counter() - start, 2), "sampler_batch": batch,
@@ -308,8 +328,8 @@ def _sampler_bench(eps, plan, params, shapes: Shapes, mesh, config, concrete_par
     if concrete_params is None:
         return out
     rng = np.random.default_rng(0)
-    x, c, u = (jax.device_put(rng.standard_normal(shape).astype(np.float32), data)
-               for shape in (shape_x, shape_c, shape_c))
+    x, c, u = (jax.device_put(jax.tree_util.tree_map(lambda a: rng.standard_normal(a.shape).astype(np.float32), shape),
+                              data) for shape in (jax.ShapeDtypeStruct(shape_x, f32), cond, cond))
     jax.block_until_ready(compiled(concrete_params, x, c, u))  # warm-up
     times = []
     for _ in range(max(2, config.bench.steps // 4)):

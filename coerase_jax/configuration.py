@@ -145,6 +145,10 @@ def base_config(source: str) -> ml_collections.ConfigDict:
         "dtype": "float32",  # UNet compute dtype: float32 | bfloat16
         "attention_impl": "",  # "" (JAX chooses) | xla | cudnn
         "remat": "none",  # none | full | dots | dots_saveable
+        # The unconditional branch (CFG and the loss's c_0) for an empty prompt: "auto" follows the
+        # pipeline's model_index.json (SDXL: force_zeros_for_empty_prompt, zeros; SD 1.x/2.x: the
+        # encoded empty prompt) | zeros | encoded
+        "empty_prompt": "auto",
     })
     config.sample = ml_collections.ConfigDict({
         "prompts": ("a photo of a cat",),
@@ -273,7 +277,7 @@ def base_config(source: str) -> ml_collections.ConfigDict:
         "attack_prompts": 64,  # at most this many concept rows attacked (evenly spaced)
     })
     config.bench = ml_collections.ConfigDict({
-        "shapes": "",  # "" = model.source's shapes; or a shape preset: tiny | sd15
+        "shapes": "",  # "" = model.source's shapes; or a shape preset: tiny | sd15 | sd21 | sdxl
         "steps": 20,  # timed iterations after warm-up
         "warmup": 3,
         "donate": True,  # donate the train state's buffers to the step

@@ -32,3 +32,10 @@ def tiny_folder():
     from coerase_jax.models import presets
 
     return presets.materialise("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_bundle():
+    from coerase_jax.models.bundle import load_bundle
+
+    return load_bundle("tiny-sdxl")

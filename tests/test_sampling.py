@@ -7,7 +7,7 @@ import pytest
 
 from coerase_jax.diffusion.pipeline import Sampler
 from coerase_jax.diffusion.sampling import Conditioning, denoise, guided_eps
-from coerase_jax.diffusion.schedule import NoiseSchedule, ddim_step
+from coerase_jax.diffusion.schedule import NoiseSchedule, add_noise, ddim_step, training_target, x0_and_eps
 from coerase_jax.models.clip import CLIP_MEAN, CLIP_STD, ClipPreprocess
 from coerase_jax.models.presets import SD_SCHEDULER
 from tolerance import assert_same_maths
@@ -30,6 +30,35 @@ def test_ddim_matches_diffusers_flax_scheduler():
         expected = scheduler.step(state, eps, state.timesteps[k], x).prev_sample
         got = ddim_step(x, eps, plan.alpha[k], plan.alpha_prev[k])
         assert_same_maths(got, expected, DDIM_UPDATE_ROUNDINGS)
+
+
+@pytest.mark.cross_program
+def test_v_prediction_ddim_matches_diffusers_flax_scheduler():
+    """SD 2.x: the UNet outputs v; x0 = sqrt(a) x - sqrt(1-a) v, eps = sqrt(a) v + sqrt(1-a) x."""
+    from diffusers import FlaxDDIMScheduler
+
+    from coerase_jax.models.presets import SD2_SCHEDULER
+
+    scheduler = FlaxDDIMScheduler.from_config({k: v for k, v in SD2_SCHEDULER.items() if k != "_class_name"})
+    state = scheduler.set_timesteps(scheduler.create_state(), 50, (1, 4, 8, 8))
+    schedule = NoiseSchedule.from_config(SD2_SCHEDULER)
+    plan = schedule.ddim_plan(50)
+    assert plan.prediction_type == "v_prediction"
+    x = jax.random.normal(jax.random.PRNGKey(0), (1, 4, 8, 8))
+    for k in (0, 1, 25, 49):
+        v = jax.random.normal(jax.random.PRNGKey(k + 1), x.shape)
+        expected = scheduler.step(state, v, state.timesteps[k], x).prev_sample
+        assert_same_maths(plan.step(k, x, v), expected, DDIM_UPDATE_ROUNDINGS)
+    read_as_noise = ddim_step(x, v, plan.alpha[25], plan.alpha_prev[25])  # what an epsilon plan would do
+    assert float(jnp.abs(read_as_noise - plan.step(25, x, v)).max()) > 0.1
+    # v from a known (x0, noise) gives them back
+    x0 = jax.random.normal(jax.random.PRNGKey(9), (2, 4, 8, 8))
+    noise = jax.random.normal(jax.random.PRNGKey(8), (2, 4, 8, 8))
+    alpha = plan.alpha[10]
+    z = add_noise(x0, noise, alpha)
+    got_x0, got_eps = x0_and_eps(z, training_target(x0, noise, alpha, "v_prediction"), alpha, "v_prediction")
+    assert_same_maths(got_x0, x0, 8)
+    assert_same_maths(got_eps, noise, 8)
 
 
 def _toy_denoiser(params, x, t, text, image_tokens):

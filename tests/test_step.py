@@ -203,3 +203,49 @@ def test_bf16_first_moment_halves_adams_first_moment_only():
     assert not np.array_equal(np.asarray(up_half["w"]), np.asarray(up_full["w"]))  # bf16 did round
     with pytest.raises(UserError, match="first_moment_dtype"):
         make_optimizer("adam", 1e-2, 10, first_moment_dtype="float16")
+
+
+def test_sdxl_add_embedding_counts_as_the_time_embedding():
+    from coerase_jax.models.presets import TINY_SDXL_UNET
+
+    params = jax.eval_shape(UNet(TINY_SDXL_UNET).init_params, jax.random.PRNGKey(0))
+    for subset, trains_it in (("esd-u", False), ("notime", False), ("full", True), ("esd-x", False)):
+        trainable, _ = subsets.split(params, subset)
+        assert ("add_embedding" in trainable) == trains_it, subset
+
+
+def test_sdxl_step_carries_the_added_conditioning_into_every_unet_call():
+    """A text_time UNet refuses a call without it, so a step that runs at all (z_t sampled with
+    guidance, the teacher's two branches, the trainee) gave it to every call; and each branch's own
+    conditioning matters."""
+    from coerase_jax.diffusion.schedule import NoiseSchedule
+    from coerase_jax.erase.step import Batch, TrainState, build_step, make_optimizer
+    from coerase_jax.models.image_proj import ImageProjection
+    from coerase_jax.models.presets import random_params
+    from coerase_jax.models.unet import UNetConfig
+    from micro import EMBED_DIM
+
+    cfg = UNetConfig(sample_size=4, block_out_channels=(32,), down_block_types=("CrossAttnDownBlock2D",),
+                     up_block_types=("CrossAttnUpBlock2D",), layers_per_block=1, attention_head_dim=2,
+                     cross_attention_dim=32, addition_embed_type="text_time", addition_time_embed_dim=4,
+                     projection_class_embeddings_input_dim=8 + 6 * 4)
+    rng = np.random.default_rng(0)
+    unet, proj = UNet(cfg, with_image_kv=True), ImageProjection(32, 4)
+    params = random_params(unet.init_params, rng)
+    proj_params = random_params(lambda r: proj.init_params(r, EMBED_DIM), rng)
+    optimizer = make_optimizer("adam", 1e-3, 10)
+    plan = NoiseSchedule.from_config(SD_SCHEDULER).ddim_plan(4)
+    step = jax.jit(build_step(unet, proj, plan, StepSettings(use_image=True, zt_guidance=3.0), optimizer, (4, 4, 4)))
+    trainable, frozen = subsets.split(params, "esd-x")
+    state = TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable))
+    pooled = rng.standard_normal((2, 8)).astype(np.float32)
+    size = np.tile(np.asarray([[32, 32, 0, 0, 32, 32]], np.float32), (2, 1))
+    batch = micro_batch(2)._replace(added=np.concatenate([pooled, size], -1),
+                                    uncond_added=np.concatenate([0 * pooled, size], -1))
+    loss = float(step(state, frozen, params, proj_params, batch)[1]["loss"])
+    other_uncond = batch._replace(uncond_added=np.concatenate([pooled, size], -1))
+    other_loss = float(step(state, frozen, params, proj_params, other_uncond)[1]["loss"])
+    assert np.isfinite(loss) and abs(other_loss - loss) > 0
+    assert isinstance(batch, Batch)
+    with pytest.raises(UserError, match="added_cond"):
+        jax.eval_shape(step, state, frozen, params, proj_params, micro_batch(2))

@@ -1,7 +1,8 @@
 """Text (and optional image) to image: prompts + seeds -> uint8 images, batched and jitted.
 
 One compiled program per (batch size, steps, guidance): text encoding, the DDIM loop with CFG
-and the VAE decode all run inside it. The last batch is padded, so it reuses the same program.
+and the VAE decode all run inside it (the negative prompt is encoded once per call beside it:
+SDXL's is zeros when empty, see ``Bundle.unconditional``). The last batch is padded, so it reuses the same program.
 """
 
 from __future__ import annotations
@@ -39,15 +40,18 @@ class Sampler:
             mesh_lib.batch_size_per_replica_check(self.batch_size, mesh)
             rep, data = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
             self._data_sharding = data
-            self._sample = jax.jit(self._sample_batch, in_shardings=(rep, rep, data, data, data, data, data),
+            self._sample = jax.jit(self._sample_batch, in_shardings=(rep, rep, data, data, data, data, data, data),
                                    out_shardings=data)
+        self._unconditional = jax.jit(bundle.unconditional, static_argnums=2)
 
-    def _sample_batch(self, unet_params, text_params, cond_ids, uncond_ids, seeds, image_tokens, uncond_image_tokens):
+    def _sample_batch(self, unet_params, text_params, cond_ids, uncond_text, uncond_added, seeds, image_tokens,
+                      uncond_image_tokens):
         b = self.bundle
-        cond = Conditioning(b.encode_text(text_params, cond_ids), image_tokens)
+        text, added = b.encode_conditioning(text_params, cond_ids)
+        cond = Conditioning(text, image_tokens, added)
         uncond = None
         if self.guidance_scale != 1.0:
-            uncond = Conditioning(b.encode_text(text_params, uncond_ids), uncond_image_tokens)
+            uncond = Conditioning(uncond_text, uncond_image_tokens, uncond_added)
         latents = initial_latents(seeds, b.latent_shape)
         latents = denoise(b.unet_eps, unet_params, latents, self.plan, cond, uncond, self.guidance_scale)
         return b.decode(latents)
@@ -67,7 +71,11 @@ class Sampler:
             replicated = mesh_lib.replicated(self._data_sharding.mesh)
             unet_params, text_params = jax.device_put((unet_params, text_params), replicated)
         ids = b.tokenize(list(prompts))
-        uncond_ids = np.repeat(b.tokenize([negative_prompt]), len(prompts), axis=0)
+        # the unconditional branch once per call (SDXL: zeros for an empty negative prompt)
+        uncond_text, uncond_added = jax.device_get(self._unconditional(b.text_params, b.tokenize([negative_prompt]),
+                                                                       not negative_prompt))
+        uncond_text = np.repeat(uncond_text, len(prompts), axis=0)
+        uncond_added = None if uncond_added is None else np.repeat(uncond_added, len(prompts), axis=0)
         tokens = uncond_tokens = None
         if image_embeds is not None:
             embeds = jnp.asarray(image_embeds)
@@ -79,7 +87,7 @@ class Sampler:
         for start in tqdm(range(0, n, bs), desc=desc, unit="batch", disable=not progress or not distributed.is_leader()):
             idx = np.arange(start, start + bs) % n  # pad the last batch by wrapping around
             take = lambda a: None if a is None else a[idx]
-            batch = (ids[idx], uncond_ids[idx], seeds[idx], take(tokens), take(uncond_tokens))
+            batch = (ids[idx], uncond_text[idx], take(uncond_added), seeds[idx], take(tokens), take(uncond_tokens))
             if self._data_sharding is not None:  # (on several hosts jit takes no numpy for sharded inputs)
                 batch = jax.device_put(batch, self._data_sharding)
             images = self._sample(unet_params, text_params, *batch)

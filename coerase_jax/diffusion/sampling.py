@@ -1,9 +1,12 @@
 """DDIM (or ancestral DDPM) sampling with classifier-free guidance and optional image tokens, as
 one jitted lax loop.
 
-A denoiser is ``eps(params, x, t, text, image_tokens) -> noise``; guidance batches the conditional
-and unconditional branches into one UNet call. The number of steps to run may be a traced value,
-so "denoise from T down to step i" compiles once for every i (the erasure step relies on that).
+A denoiser is ``eps(params, x, t, text, image_tokens) -> output``, the model's output in its own
+prediction type (noise, or velocity for SD 2.x; ``SamplingPlan.step`` reads either); SDXL's gets
+its added conditioning as ``added_cond=``. Guidance batches the conditional and unconditional
+branches into one UNet call (and, being linear, is the same in either output space). The number
+of steps to run may be a traced value, so "denoise from T down to step i" compiles once for every
+i (the erasure step relies on that).
 """
 
 from __future__ import annotations
@@ -15,26 +18,39 @@ import jax.numpy as jnp
 
 from coerase_jax.diffusion.schedule import SamplingPlan
 
-Denoiser = Callable[..., jax.Array]  # (params, x, t, text_states, image_tokens | None) -> eps
+Denoiser = Callable[..., jax.Array]  # (params, x, t, text_states, image_tokens | None[, added_cond=]) -> output
 
 
 class Conditioning(NamedTuple):
-    """What the UNet attends to: text hidden states (B, L, D) and optional image tokens (B, n, D)."""
+    """What the UNet attends to: text hidden states (B, L, D) and optional image tokens (B, n, D);
+    ``added`` is SDXL's text_time conditioning (B, pooled + time ids), None for SD 1.x/2.x."""
 
     text: jax.Array
     image_tokens: jax.Array | None = None
+    added: jax.Array | None = None
+
+
+def apply_denoiser(denoiser: Denoiser, params, x: jax.Array, t: jax.Array, cond: Conditioning) -> jax.Array:
+    """One denoiser call; the added conditioning goes in only when there is one, so denoisers of
+    models without it never see the keyword."""
+    if cond.added is None:
+        return denoiser(params, x, t, cond.text, cond.image_tokens)
+    return denoiser(params, x, t, cond.text, cond.image_tokens, added_cond=cond.added)
 
 
 def guided_eps(denoiser: Denoiser, params, x: jax.Array, t: jax.Array, cond: Conditioning,
                uncond: Conditioning | None, guidance_scale: float | jax.Array) -> jax.Array:
     """eps_u + g (eps_c - eps_u), both branches in one batched call; plain eps_c without ``uncond``."""
     if uncond is None:
-        return denoiser(params, x, t, cond.text, cond.image_tokens)
+        return apply_denoiser(denoiser, params, x, t, cond)
     if (cond.image_tokens is None) != (uncond.image_tokens is None):
         raise ValueError("cond and uncond must both have image tokens or both have none")
-    both = lambda a, b: jnp.concatenate([a, b], axis=0)
-    image = None if cond.image_tokens is None else both(uncond.image_tokens, cond.image_tokens)
-    eps = denoiser(params, both(x, x), both(t, t), both(uncond.text, cond.text), image)
+    if (cond.added is None) != (uncond.added is None):
+        raise ValueError("cond and uncond must both have added conditioning or both have none")
+    both = lambda a, b: None if a is None else jnp.concatenate([a, b], axis=0)
+    pair = Conditioning(both(uncond.text, cond.text), both(uncond.image_tokens, cond.image_tokens),
+                        both(uncond.added, cond.added))
+    eps = apply_denoiser(denoiser, params, both(x, x), both(t, t), pair)
     eps_uncond, eps_cond = jnp.split(eps, 2, axis=0)
     return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
 

@@ -4,10 +4,15 @@ A config is read as diffusers' ``DDIMScheduler.from_config`` reads it: a key it 
 that class's default (linear betas 1e-4..0.02, ``clip_sample`` and ``set_alpha_to_one`` on);
 SD's own configs set every key they need.
 
-DDIM (eta = 0), as diffusers' ``DDIMScheduler``: for step k at timestep t_k with
-``prev = t_k - T // N``,
+The model's output is the noise (``prediction_type`` epsilon: SD 1.x, SDXL) or the velocity
+v = sqrt(a_t) eps - sqrt(1 - a_t) x0 (``v_prediction``: SD 2.x at 768²); either gives x0 and eps:
 
-    x0     = (x - sqrt(1 - a_t) eps) / sqrt(a_t)                    (clipped to +-r with clip_sample)
+    epsilon:       x0 = (x - sqrt(1 - a_t) eps) / sqrt(a_t)
+    v_prediction:  x0 = sqrt(a_t) x - sqrt(1 - a_t) v,    eps = sqrt(a_t) v + sqrt(1 - a_t) x
+
+DDIM (eta = 0), as diffusers' ``DDIMScheduler``: for step k at timestep t_k with
+``prev = t_k - T // N``, x0 clipped to +-r with clip_sample,
+
     x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev) eps,    a_prev = alphas_cumprod[prev] or the final alpha.
 
 DDPM's ancestral step, as diffusers' (torch) ``DDPMScheduler`` with ``variance_type`` fixed_small:
@@ -33,6 +38,7 @@ DIFFUSERS_DEFAULTS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_e
                       "prediction_type": "epsilon", "timestep_spacing": "leading", "thresholding": False,
                       "rescale_betas_zero_snr": False, "variance_type": "fixed_small"}
 SAMPLERS = ("ddim", "ddpm")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +48,7 @@ class NoiseSchedule:
     steps_offset: int = 0
     timestep_spacing: str = "leading"
     clip_sample_range: float | None = None  # clip the predicted x0 to +-this (None: no clipping)
+    prediction_type: str = "epsilon"  # what the UNet outputs: epsilon | v_prediction
 
     @property
     def num_train_timesteps(self) -> int:
@@ -60,8 +67,9 @@ class NoiseSchedule:
             betas = np.linspace(start, end, steps, dtype=np.float64)
         else:
             raise UserError(f"scheduler config: beta_schedule {kind!r} is not supported (scaled_linear, linear)")
-        if get("prediction_type") != "epsilon":
-            raise UserError("scheduler config: only prediction_type 'epsilon' (SD 1.x) is supported")
+        if get("prediction_type") not in PREDICTION_TYPES:
+            raise UserError(f"scheduler config: prediction_type {get('prediction_type')!r} is not supported "
+                            f"(epsilon: SD 1.x and SDXL; v_prediction: SD 2.x)")
         for key in ("thresholding", "rescale_betas_zero_snr"):
             if get(key):
                 raise UserError(f"scheduler config: {key}=true is not supported")
@@ -73,7 +81,7 @@ class NoiseSchedule:
         alphas_cumprod = np.cumprod(1.0 - betas).astype(np.float32)
         final = 1.0 if get("set_alpha_to_one") else float(alphas_cumprod[0])
         clip = float(get("clip_sample_range")) if get("clip_sample") else None
-        return cls(alphas_cumprod, final, int(get("steps_offset")), spacing, clip)
+        return cls(alphas_cumprod, final, int(get("steps_offset")), spacing, clip, get("prediction_type"))
 
     def ddim_timesteps(self, num_steps: int) -> np.ndarray:
         """The N sampling timesteps, noisiest first (diffusers' ``set_timesteps``)."""
@@ -102,7 +110,8 @@ class NoiseSchedule:
         alpha = self.alphas_cumprod[ts]
         alpha_prev = np.where(prev >= 0, self.alphas_cumprod[np.clip(prev, 0, None)], final)
         return SamplingPlan(jnp.asarray(ts), jnp.asarray(alpha, jnp.float32), jnp.asarray(alpha_prev, jnp.float32),
-                            self.num_train_timesteps, self.clip_sample_range, ancestral=sampler == "ddpm")
+                            self.num_train_timesteps, self.clip_sample_range, ancestral=sampler == "ddpm",
+                            prediction_type=self.prediction_type)
 
     def ddim_plan(self, num_steps: int) -> "SamplingPlan":
         return self.plan(num_steps, "ddim")
@@ -111,7 +120,8 @@ class NoiseSchedule:
 @dataclasses.dataclass(frozen=True)
 class SamplingPlan:
     """Per sampling step k (noisiest first): timestep t_k, alphas_cumprod at t_k and at t_k's
-    successor; and how a step updates (DDIM, or DDPM's ancestral step when ``ancestral``)."""
+    successor; how a step updates (DDIM, or DDPM's ancestral step when ``ancestral``); and what the
+    model's output is (``prediction_type``)."""
 
     timesteps: jnp.ndarray
     alpha: jnp.ndarray
@@ -119,35 +129,48 @@ class SamplingPlan:
     num_train_timesteps: int = 1000
     clip_sample_range: float | None = None
     ancestral: bool = False
+    prediction_type: str = "epsilon"
 
     @property
     def num_steps(self) -> int:
         return int(self.timesteps.shape[0])
 
-    def step(self, k, x: jnp.ndarray, eps: jnp.ndarray, noise: jnp.ndarray | None = None) -> jnp.ndarray:
-        """Sampling step k (a traced index is fine); ``noise`` is needed when ``ancestral``."""
+    def step(self, k, x: jnp.ndarray, output: jnp.ndarray, noise: jnp.ndarray | None = None) -> jnp.ndarray:
+        """Sampling step k (a traced index is fine) from the model's ``output`` (its prediction
+        type's); ``noise`` is needed when ``ancestral``."""
         if self.ancestral:
-            return ddpm_step(x, eps, self.alpha[k], self.alpha_prev[k], noise, self.timesteps[k] > 0,
-                             self.clip_sample_range)
-        return ddim_step(x, eps, self.alpha[k], self.alpha_prev[k], self.clip_sample_range)
+            return ddpm_step(x, output, self.alpha[k], self.alpha_prev[k], noise, self.timesteps[k] > 0,
+                             self.clip_sample_range, self.prediction_type)
+        return ddim_step(x, output, self.alpha[k], self.alpha_prev[k], self.clip_sample_range, self.prediction_type)
 
 
-def predicted_x0(x: jnp.ndarray, eps: jnp.ndarray, alpha: jnp.ndarray, clip_range: float | None = None) -> jnp.ndarray:
-    x0 = (x - jnp.sqrt(1.0 - alpha) * eps) / jnp.sqrt(alpha)
+def x0_and_eps(x: jnp.ndarray, output: jnp.ndarray, alpha: jnp.ndarray,
+               prediction_type: str = "epsilon") -> tuple[jnp.ndarray, jnp.ndarray]:
+    """(predicted x0, predicted noise) from the model's output at x_t (module docstring)."""
+    if prediction_type == "v_prediction":
+        x0 = jnp.sqrt(alpha) * x - jnp.sqrt(1.0 - alpha) * output
+        return x0, jnp.sqrt(alpha) * output + jnp.sqrt(1.0 - alpha) * x
+    return (x - jnp.sqrt(1.0 - alpha) * output) / jnp.sqrt(alpha), output
+
+
+def predicted_x0(x: jnp.ndarray, output: jnp.ndarray, alpha: jnp.ndarray, clip_range: float | None = None,
+                 prediction_type: str = "epsilon") -> jnp.ndarray:
+    x0, _ = x0_and_eps(x, output, alpha, prediction_type)
     return x0 if clip_range is None else jnp.clip(x0, -clip_range, clip_range)
 
 
-def ddim_step(x: jnp.ndarray, eps: jnp.ndarray, alpha: jnp.ndarray, alpha_prev: jnp.ndarray,
-              clip_range: float | None = None) -> jnp.ndarray:
-    """One deterministic DDIM update x_t -> x_prev given the predicted noise."""
-    x0 = predicted_x0(x, eps, alpha, clip_range)
+def ddim_step(x: jnp.ndarray, output: jnp.ndarray, alpha: jnp.ndarray, alpha_prev: jnp.ndarray,
+              clip_range: float | None = None, prediction_type: str = "epsilon") -> jnp.ndarray:
+    """One deterministic DDIM update x_t -> x_prev given the model's output (noise or velocity)."""
+    x0, eps = x0_and_eps(x, output, alpha, prediction_type)
+    x0 = x0 if clip_range is None else jnp.clip(x0, -clip_range, clip_range)
     return jnp.sqrt(alpha_prev) * x0 + jnp.sqrt(1.0 - alpha_prev) * eps
 
 
-def ddpm_step(x: jnp.ndarray, eps: jnp.ndarray, alpha: jnp.ndarray, alpha_prev: jnp.ndarray, noise: jnp.ndarray,
-              add_noise_here, clip_range: float | None = None) -> jnp.ndarray:
+def ddpm_step(x: jnp.ndarray, output: jnp.ndarray, alpha: jnp.ndarray, alpha_prev: jnp.ndarray, noise: jnp.ndarray,
+              add_noise_here, clip_range: float | None = None, prediction_type: str = "epsilon") -> jnp.ndarray:
     """One ancestral DDPM update x_t -> x_prev (fixed_small variance); no noise unless ``add_noise_here``."""
-    x0 = predicted_x0(x, eps, alpha, clip_range)
+    x0 = predicted_x0(x, output, alpha, clip_range, prediction_type)
     beta = 1.0 - alpha / alpha_prev
     mean = (jnp.sqrt(alpha_prev) * beta / (1.0 - alpha) * x0
             + jnp.sqrt(1.0 - beta) * (1.0 - alpha_prev) / (1.0 - alpha) * x)
@@ -158,3 +181,12 @@ def ddpm_step(x: jnp.ndarray, eps: jnp.ndarray, alpha: jnp.ndarray, alpha_prev: 
 def add_noise(x0: jnp.ndarray, noise: jnp.ndarray, alpha: jnp.ndarray) -> jnp.ndarray:
     """q(x_t | x_0): sqrt(a_t) x0 + sqrt(1 - a_t) noise."""
     return jnp.sqrt(alpha) * x0 + jnp.sqrt(1.0 - alpha) * noise
+
+
+def training_target(x0: jnp.ndarray, noise: jnp.ndarray, alpha: jnp.ndarray, prediction_type: str = "epsilon"
+                    ) -> jnp.ndarray:
+    """What the model should output at add_noise(x0, noise, alpha): the noise, or the velocity
+    v = sqrt(a_t) noise - sqrt(1 - a_t) x0."""
+    if prediction_type == "v_prediction":
+        return jnp.sqrt(alpha) * noise - jnp.sqrt(1.0 - alpha) * x0
+    return noise

@@ -210,8 +210,7 @@ def run_batched(cfgs: list, bundle: Bundle, group_dir: str | Path, progress: boo
     datas = [encode_prompts(bundle, c) for c in cfgs]
     unfinished = [s for s in stages if not all(stage_done(s, Path(c.run_dir)) for c in cfgs)]
     if any(s.settings.use_image for s in unfinished):
-        if bundle.image is None:
-            raise UserError("the image stage needs an image encoder and an IP-Adapter in the model bundle")
+        bundle.require_image_parts()
         for d, c in zip(datas, cfgs):
             d.image_embeds = reference_embeddings(c, bundle, Path(c.run_dir), progress, mesh)
     own, frozen = stages[0].trainable.split(bundle.unet_params)

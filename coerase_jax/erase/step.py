@@ -8,6 +8,12 @@
     eps_c, eps_u = teacher(z_t, t, [c; c_img]), teacher(z_t, t, [c_0; c_img or nothing])
     loss  = || trainee(z_t, t, [c; c_img]) - (eps_u - eta (eps_c - eps_u)) ||^2
 
+The loss stays in the model's own output space: for a v-prediction model (SD 2.x) every "eps" here
+is a velocity, and since the target is linear in the teacher's outputs it is the same ESD target
+written in v (v_u - eta (v_c - v_u)); only z_t's sampler converts (``SamplingPlan.step``). SDXL's
+added conditioning (pooled text + time ids) goes with its text into every UNet call: z_t's sampler,
+the teacher's two branches and the trainee.
+
 Only the trainable subset is differentiated and carries optimizer state; the frozen rest and
 the teacher are inputs that are never donated.
 """
@@ -46,6 +52,8 @@ class Batch(NamedTuple):
     guide_text: jax.Array  # (B, L, D) text that guides refinement
     guide_mask: jax.Array  # (B, L) tokens of the guide text that take part in refinement
     image_embeds: jax.Array | None  # (B, E) CLIP image embeddings; None in the text stage
+    added: jax.Array | None = None  # (B, A) SDXL's added conditioning of the concept prompt; None otherwise
+    uncond_added: jax.Array | None = None  # (B, A) the empty prompt's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,10 +122,10 @@ def make_optimizer(name: str, learning_rate: float, total_steps: int, schedule: 
 
 
 def denoiser(unet: UNet):
-    """eps(params, z, t, text, image_tokens=None, image_scale=1.0) for a UNet definition."""
+    """eps(params, z, t, text, image_tokens=None, image_scale=1.0, added_cond=None) for a UNet definition."""
 
-    def eps(params, x, t, text, image_tokens=None, image_scale=1.0):
-        return unet.apply({"params": params}, x, t, text, image_tokens, image_scale)
+    def eps(params, x, t, text, image_tokens=None, image_scale=1.0, added_cond=None):
+        return unet.apply({"params": params}, x, t, text, image_tokens, image_scale, added_cond)
 
     return eps
 
@@ -150,12 +158,12 @@ def build_step(unet: UNet, image_proj: ImageProjection | None, plan: SamplingPla
         if image_tokens is not None:
             image_tokens = jnp.tile(image_tokens, (s.snapshots_per_trajectory, 1, 1))
         eps_cond, eps_uncond = teacher_terms(eps, compute(teacher), z, t, batch.text, batch.uncond_text,
-                                             image_tokens, s)
+                                             image_tokens, s, batch.added, batch.uncond_added)
         target = method.negative_guidance_target(eps_uncond, eps_cond, s.eta)
 
         def loss_fn(trainable):
             prediction = eps(compute(compose(trainable, frozen)), z, t, batch.text, image_tokens,
-                             s.image_scale)
+                             s.image_scale, **added_keyword(batch.added))
             return method.erasure_loss(prediction, target)
 
         loss, grads = jax.value_and_grad(loss_fn)(state.trainable)
@@ -194,10 +202,10 @@ def sample_zt(eps, sampler_params, key, batch: Batch, zt_tokens, plan: SamplingP
     k_index, k_latent, k_time, k_ancestral = jax.random.split(key, 4)
     batch_size = batch.text.shape[0]
     snapshots = s.snapshots_per_trajectory
-    uncond = Conditioning(batch.uncond_text, zt_tokens) if s.zt_guidance != 1.0 else None
+    uncond = Conditioning(batch.uncond_text, zt_tokens, batch.uncond_added) if s.zt_guidance != 1.0 else None
     noise = jax.random.normal(k_latent, (batch_size,) + latent_shape, jnp.float32)
-    cond = Conditioning(batch.text, zt_tokens)
-    zt_eps = lambda p, x, t, c, i: eps(p, x, t, c, i, s.image_scale)
+    cond = Conditioning(batch.text, zt_tokens, batch.added)
+    zt_eps = lambda p, x, t, c, i, **added: eps(p, x, t, c, i, s.image_scale, **added)
     if snapshots == 1:
         indices = jax.random.randint(k_index, (1,), 0, plan.num_steps)
         z = denoise(zt_eps, sampler_params, noise, plan, cond, uncond, s.zt_guidance, num_steps=indices[0],
@@ -217,6 +225,12 @@ def sample_zt(eps, sampler_params, key, batch: Batch, zt_tokens, plan: SamplingP
     return jnp.max(indices), jax.lax.stop_gradient(z), t
 
 
+def added_keyword(added: jax.Array | None) -> dict:
+    """SDXL's added conditioning as the ``added_cond`` keyword, or nothing: eps functions of models
+    without it need not take it."""
+    return {} if added is None else {"added_cond": added}
+
+
 def repeat_batch(batch: Batch, times: int) -> Batch:
     """The batch tiled ``times`` over (snapshot-major, matching sample_zt's z_t order)."""
     if times == 1:
@@ -225,19 +239,23 @@ def repeat_batch(batch: Batch, times: int) -> Batch:
     return Batch(*(tile(a) for a in batch))
 
 
-def teacher_terms(eps, teacher, z, t, text, uncond_text, image_tokens, s: StepSettings):
+def teacher_terms(eps, teacher, z, t, text, uncond_text, image_tokens, s: StepSettings, added=None,
+                  uncond_added=None):
     """(eps_0(z_t, t, [c; c_img]), eps_0(z_t, t, c_0 [; c_img])), both branches in one batched call.
 
     With ``text_uncond`` the unconditional branch sees no image tokens (its image scale is 0,
     which is exactly text-only attention); without image tokens both branches are text-only.
+    ``added`` / ``uncond_added``: SDXL's added conditioning of each branch (None otherwise).
     """
-    both = lambda a, b: jnp.concatenate([a, b], axis=0)
+    both = lambda a, b: None if a is None else jnp.concatenate([a, b], axis=0)
+    added = added_keyword(both(added, uncond_added))
     if image_tokens is None:
-        out = eps(teacher, both(z, z), both(t, t), both(text, uncond_text))
+        out = eps(teacher, both(z, z), both(t, t), both(text, uncond_text), **added)
     else:
         batch = z.shape[0]
         scales = both(jnp.full((batch,), s.image_scale), jnp.full((batch,), 0.0 if s.text_uncond else s.image_scale))
-        out = eps(teacher, both(z, z), both(t, t), both(text, uncond_text), both(image_tokens, image_tokens), scales)
+        out = eps(teacher, both(z, z), both(t, t), both(text, uncond_text), both(image_tokens, image_tokens), scales,
+                  **added)
     eps_cond, eps_uncond = jnp.split(jax.lax.stop_gradient(out), 2, axis=0)
     return eps_cond, eps_uncond
 

@@ -13,7 +13,9 @@
 | notime         | notime    | all but the time embedding                                             |
 
 IP-Adapter's image K/V (attn2 ``to_k_ip``/``to_v_ip``) follow ``train_image_kv`` alone, whatever
-the subset: they are the image side's own projections, not part of the SD UNet.
+the subset: they are the image side's own projections, not part of the SD UNet. SDXL's
+``add_embedding`` (pooled text and image size, added to the time embedding) counts as part of the
+time embedding.
 """
 
 from __future__ import annotations
@@ -34,14 +36,18 @@ def _in(path: Path, name: str) -> bool:
     return name in path
 
 
+def _time(path: Path) -> bool:
+    return _in(path, "time_embedding") or _in(path, "add_embedding")
+
+
 SUBSETS: dict[str, Callable[[Path], bool]] = {
     "full": lambda p: True,
-    "esd-u": lambda p: not (_in(p, "attn2") or _in(p, "time_embedding") or p[0] in OUTPUT_HEAD),
-    "esd-u-reference": lambda p: not (_in(p, "attn2") or _in(p, "time_embedding")),
+    "esd-u": lambda p: not (_in(p, "attn2") or _time(p) or p[0] in OUTPUT_HEAD),
+    "esd-u-reference": lambda p: not (_in(p, "attn2") or _time(p)),
     "esd-x": lambda p: _in(p, "attn2"),
     "esd-x-strict": lambda p: _in(p, "attn2") and (_in(p, "to_k") or _in(p, "to_v")),
     "selfattn": lambda p: _in(p, "attn1"),
-    "notime": lambda p: not _in(p, "time_embedding"),
+    "notime": lambda p: not _time(p),
 }
 ALIASES = {"noxattn": "esd-u", "xattn": "esd-x"}
 

@@ -112,6 +112,9 @@ class ConceptData:
     prompt_concept: np.ndarray | None = None  # (P,)
     image_concept: np.ndarray | None = None  # (N,)
     one_concept_per_step: bool = False  # else every example of a batch draws its own concept
+    # SDXL's added conditioning (pooled text + time ids) of each prompt and of the empty prompt
+    prompt_added: np.ndarray | None = None  # (P, A)
+    uncond_added: np.ndarray | None = None  # (A,)
 
 
 def joint_concepts(config) -> list[tuple[str, tuple[str, ...]]]:
@@ -138,20 +141,26 @@ def encode_prompts(bundle: Bundle, config) -> ConceptData:
     if not prompts:
         raise UserError("concept.prompts is empty")
     guide = config.concept.guide_prompt
-    encode = jax.jit(bundle.encode_text)
+    encode = jax.jit(bundle.encode_conditioning)
     ids = bundle.tokenize(prompts)
-    states = np.asarray(encode(bundle.text_params, ids))
-    # DEPARTURE FROM THE PAPER when set (off by default): an anchor prompt takes the empty prompt's
-    # place, so the concept is pushed towards the anchor's pictures instead of away into whatever
-    # the unconditional model draws.
-    uncond = np.asarray(encode(bundle.text_params, bundle.tokenize([config.erase.anchor_prompt])))[0]
+    states, added = jax.device_get(encode(bundle.text_params, ids))
+    # c_0: the encoded empty prompt, or SDXL's zeros (Bundle.unconditional). DEPARTURE FROM THE PAPER
+    # when erase.anchor_prompt is set (off by default): the anchor takes the empty prompt's place, so
+    # the concept is pushed towards the anchor's pictures instead of away into whatever the
+    # unconditional model draws.
+    anchor = config.erase.anchor_prompt
+    uncond, uncond_added = jax.device_get(jax.jit(bundle.unconditional, static_argnums=2)(
+        bundle.text_params, bundle.tokenize([anchor]), not anchor))
     guide_ids = bundle.tokenize([guide] * len(prompts)) if guide else ids
-    guide_states = np.asarray(encode(bundle.text_params, guide_ids)) if guide else states
+    guide_states = np.asarray(encode(bundle.text_params, guide_ids)[0]) if guide else states
+    # (SDXL's towers tokenize alike up to their padding: the first tower's ids mark the real tokens)
+    mask_ids = guide_ids[:, 0] if guide_ids.ndim == 3 else guide_ids
     if config.erase.refine_mask_padding:
-        masks = np.asarray(real_token_mask(jnp.asarray(guide_ids), bundle.tokenizer.eos_token_id))
+        masks = np.asarray(real_token_mask(jnp.asarray(mask_ids), bundle.tokenizer.eos_token_id))
     else:
-        masks = np.ones(guide_ids.shape, bool)
-    data = ConceptData(states, uncond, guide_states, masks, None)
+        masks = np.ones(mask_ids.shape, bool)
+    data = ConceptData(np.asarray(states), np.asarray(uncond)[0], np.asarray(guide_states), masks, None,
+                       prompt_added=added, uncond_added=None if uncond_added is None else uncond_added[0])
     if joint:
         data.prompt_concept = np.asarray([k for k, (_, ps) in enumerate(joint) for _ in ps])
         data.one_concept_per_step = config.concept.joint_sampling == "per_step"
@@ -176,8 +185,12 @@ def sample_batch(data: ConceptData, seed: int, stage: int, step: int, batch_size
         images = None
         if data.image_embeds is not None:
             images = data.image_embeds[[rng.choice(np.flatnonzero(data.image_concept == k)) for k in concepts]]
+    added = uncond_added = None
+    if data.prompt_added is not None:
+        added = data.prompt_added[p]
+        uncond_added = np.broadcast_to(data.uncond_added, added.shape)
     return Batch(data.prompt_states[p], np.broadcast_to(data.uncond_states, data.prompt_states[p].shape),
-                 data.guide_states[p], data.guide_masks[p], images)
+                 data.guide_states[p], data.guide_masks[p], images, added, uncond_added)
 
 
 def put_batch(batch: Batch, mesh) -> Batch:
@@ -390,9 +403,8 @@ def train_stage(stage: Stage, config, bundle: Bundle, start_params: dict, teache
         raise UserError(f"erase.teacher_dtype must be one of {sorted(DTYPES)}")
     teacher = cast_tree(teacher_params, teacher_dtype)
     proj_params = bundle.image.proj_params if bundle.image is not None else {}
-    if stage.settings.use_image and bundle.image is None:
-        raise UserError("the image stage needs an image encoder and an IP-Adapter (model.ip_adapter / "
-                        "model.image_encoder, or image_encoder/ + ip-adapter*.safetensors in the model folder)")
+    if stage.settings.use_image:
+        bundle.require_image_parts()
     plan = zt_plan(bundle.scheduler_config, config)
     batch_size = config.erase.batch_size
     mesh_lib.batch_size_per_replica_check(batch_size, mesh)
@@ -572,8 +584,7 @@ def run_erasure(config, bundle: Bundle, progress: bool = True, mesh=None, on_ste
     stages = plan_stages(config)
     data = encode_prompts(bundle, config)
     if any(s.settings.use_image for s in stages) and not all(stage_done(s, run_dir) for s in stages):
-        if bundle.image is None:
-            raise UserError("the image stage needs an image encoder and an IP-Adapter in the model bundle")
+        bundle.require_image_parts()
         if data.prompt_concept is not None:
             data.image_embeds, data.image_concept = joint_reference_embeddings(config, bundle, run_dir, progress,
                                                                                mesh)

@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from coerase_jax.diffusion.schedule import NoiseSchedule, add_noise
+from coerase_jax.diffusion.schedule import NoiseSchedule, add_noise, training_target
 from coerase_jax.models.bundle import Bundle
 from coerase_jax.parallel import distributed
 from coerase_jax.parallel import mesh as mesh_lib
@@ -58,17 +58,18 @@ def nearest_tokens(vectors: jax.Array, table: jax.Array, allowed: jax.Array) -> 
 
 
 def attack_loss(vectors, unet_params, bundle: Bundle, text_params, slot_ids, latents, timesteps, noise,
-                alphas_cumprod, allowed):
-    """Mean squared denoising error of the erased UNet under the (projected) adversarial prompts."""
+                alphas_cumprod, allowed, prediction_type: str = "epsilon"):
+    """Mean squared denoising error of the erased UNet under the (projected) adversarial prompts, in
+    the model's own output space (noise, or velocity for SD 2.x)."""
     table = bundle.text_encoder.token_table(text_params)
     projected = table[nearest_tokens(vectors, table, allowed)]
     prefix = vectors + jax.lax.stop_gradient(projected - vectors)  # value: real tokens; gradient: to v
     k = vectors.shape[1]
     embeds = table[slot_ids].at[:, 1:1 + k].set(prefix)
     text = bundle.text_encoder.apply({"params": text_params}, slot_ids, embeds)
-    noisy = add_noise(latents, noise, alphas_cumprod[timesteps][:, None, None, None])
-    eps = bundle.unet_eps(unet_params, noisy, timesteps, text)
-    return jnp.mean((eps - noise) ** 2, axis=(1, 2, 3)).sum()
+    alpha = alphas_cumprod[timesteps][:, None, None, None]
+    output = bundle.unet_eps(unet_params, add_noise(latents, noise, alpha), timesteps, text)
+    return jnp.mean((output - training_target(latents, noise, alpha, prediction_type)) ** 2, axis=(1, 2, 3)).sum()
 
 
 def allowed_tokens(bundle: Bundle) -> np.ndarray:
@@ -111,7 +112,7 @@ def attack(bundle: Bundle, unet_params, prompts: list[str], target_images: np.nd
         timesteps = jax.random.randint(t_key, (latents.shape[0],), 0, schedule.num_train_timesteps)
         noise = jax.random.normal(n_key, latents.shape, latents.dtype)
         loss, grad = jax.value_and_grad(attack_loss)(vectors, unet_params, bundle, text_params, slot_ids, latents,
-                                                     timesteps, noise, alphas, allowed)
+                                                     timesteps, noise, alphas, allowed, schedule.prediction_type)
         updates, opt_state = optimizer.update(grad, opt_state, vectors)
         return optax.apply_updates(vectors, updates), opt_state, loss
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from coerase_jax.models.bundle import Bundle, load_text_encoder_with_projection
-from coerase_jax.models.clip import pooled_output
+from coerase_jax.models.clip import pooled_output, tokenize
 
 
 def _unit(x: jax.Array) -> jax.Array:
@@ -32,7 +32,8 @@ class ClipScorer:
 
     def embed_texts(self, prompts: list[str]) -> np.ndarray:
         """(N, D) unit CLIP text embeddings."""
-        ids = self.bundle.tokenize(list(prompts))
+        # the bundle's (first) tokenizer: the scorer's tower shares CLIP's vocabulary, and SDXL's second is not needed
+        ids = tokenize(self.bundle.tokenizer, list(prompts), self.text_encoder.config.max_position_embeddings)
         return np.concatenate([np.asarray(self._text(ids[s:s + self.batch_size]))
                                for s in range(0, len(ids), self.batch_size)])
 

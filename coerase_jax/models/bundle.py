@@ -1,18 +1,25 @@
-"""The model bundle: every part of an SD 1.x stack (plus IP-Adapter) loaded from one folder.
+"""The model bundle: every part of an SD 1.x, 2.x or XL stack (plus IP-Adapter) loaded from one folder.
 
 A source is a local folder in the diffusers layout, as users download it from the Hub::
 
-    unet/          config.json  diffusion_pytorch_model.safetensors
-    vae/           config.json  diffusion_pytorch_model.safetensors
-    text_encoder/  config.json  model.safetensors
-    tokenizer/     vocab.json  merges.txt  tokenizer_config.json
-    scheduler/     scheduler_config.json
-    image_encoder/ config.json  model.safetensors            (optional, CLIPVisionModelWithProjection)
-    ip-adapter_sd15.safetensors                               (optional, any ip-adapter*.safetensors)
+    unet/            config.json  diffusion_pytorch_model.safetensors
+    vae/             config.json  diffusion_pytorch_model.safetensors
+    text_encoder/    config.json  model.safetensors
+    tokenizer/       vocab.json  merges.txt  tokenizer_config.json
+    text_encoder_2/  tokenizer_2/                               (SDXL: the second tower, with projection)
+    scheduler/       scheduler_config.json
+    model_index.json                                            (optional; SDXL's force_zeros_for_empty_prompt)
+    image_encoder/   config.json  model.safetensors             (optional, CLIPVisionModelWithProjection)
+    ip-adapter_sd15.safetensors                                 (optional, any ip-adapter*.safetensors)
 
-or the name of a preset (``tiny``: random weights, written once to a cache folder and then read
-through the same path). The image parts are loaded when both the image encoder and an
-IP-Adapter file are found (or named explicitly).
+or the name of a preset (``tiny``, ``tiny-sd2``, ``tiny-sdxl``: random weights, written once to a
+cache folder and then read through the same path). The image parts are loaded when both the image
+encoder and an IP-Adapter file are found (or named explicitly).
+
+How a prompt conditions the UNet (``encode_conditioning``): SD 1.x and 2.x, the one tower's final
+hidden states; SDXL, both towers' penultimate hidden states side by side, and the ``text_time``
+added conditioning: the second tower's pooled, projected embedding followed by the micro-conditioning
+time ids ``[H, W, 0, 0, H, W]`` (original size, crop corner, target size: the bundle's own resolution).
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from coerase_jax.models.image_proj import ImageProjection
 from coerase_jax.models.unet import Precision, UNet, UNetConfig, cross_attention_paths, merge_image_kv, subtree
 CLIP_WEIGHTS = "model"
 IMAGE_TOKENS = 4
+EMPTY_PROMPT_CHOICES = ("auto", "zeros", "encoded")
 
 
 @dataclasses.dataclass
@@ -59,12 +67,16 @@ class Bundle:
     vae: Any
     vae_params: dict
     vae_scale: float
-    text_encoder: clip_lib.CLIPTextEncoder
+    text_encoder: clip_lib.CLIPTextEncoder | clip_lib.SDXLTextEncoder
     text_params: dict
     tokenizer: CLIPTokenizer
     scheduler_config: dict
     image: ImageParts | None = None
     source: str = ""
+    tokenizer_2: CLIPTokenizer | None = None  # SDXL's second tower's
+    # The unconditional branch for an empty prompt: zeros (SDXL's force_zeros_for_empty_prompt) or
+    # the encoded empty prompt (SD 1.x / 2.x).
+    zero_empty_prompt: bool = False
 
     @property
     def unet_config(self) -> UNetConfig:
@@ -75,16 +87,53 @@ class Bundle:
         cfg = self.unet.config
         return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
 
+    @property
+    def image_size(self) -> int:
+        """Pixels per side of the images the UNet's latents decode to (768 for SD 2.1, 1024 for SDXL)."""
+        return self.unet.config.sample_size * 2 ** (len(self.vae.block_out_channels) - 1)
+
     # ---- the small pure pieces the pipelines compose (all jittable) ----
 
     def tokenize(self, prompts: list[str]) -> np.ndarray:
-        return clip_lib.tokenize(self.tokenizer, prompts, self.text_encoder.config.max_position_embeddings)
+        """Prompts -> ids (B, L); SDXL: (B, 2, L), one row per tower's tokenizer."""
+        length = self.text_encoder.config.max_position_embeddings
+        ids = clip_lib.tokenize(self.tokenizer, prompts, length)
+        if self.tokenizer_2 is None:
+            return ids
+        return np.stack([ids, clip_lib.tokenize(self.tokenizer_2, prompts, length)], axis=1)
 
     def encode_text(self, text_params, token_ids: jax.Array) -> jax.Array:
+        """The text states the UNet attends to (B, L, cross_attention_dim)."""
         return self.text_encoder.apply({"params": text_params}, token_ids)
 
-    def unet_eps(self, unet_params, x, t, text, image_tokens=None, image_scale=1.0) -> jax.Array:
-        return self.unet.apply({"params": unet_params}, x, t, text, image_tokens, image_scale)
+    def encode_conditioning(self, text_params, token_ids: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        """(text states (B, L, D), SDXL's added conditioning (B, pooled + time ids) or None)."""
+        states, pooled = self.text_encoder.apply({"params": text_params}, token_ids,
+                                                 method=self.text_encoder.encode)
+        return states, self.added_cond(pooled)
+
+    def added_cond(self, pooled: jax.Array) -> jax.Array | None:
+        """SDXL's ``text_time`` input: the pooled text embedding, then the time ids (None for SD 1.x/2.x)."""
+        if not self.unet.config.addition_embed_type:
+            return None
+        size = float(self.image_size)  # original size, crop corner (0, 0), target size
+        time_ids = jnp.broadcast_to(jnp.asarray([size, size, 0.0, 0.0, size, size], jnp.float32), (pooled.shape[0], 6))
+        return jnp.concatenate([pooled.astype(jnp.float32), time_ids], axis=-1)
+
+    def unconditional(self, text_params, token_ids: jax.Array, empty: bool) -> tuple[jax.Array, jax.Array | None]:
+        """The unconditional branch's conditioning from the negative prompt's ids: for an ``empty``
+        prompt with ``zero_empty_prompt`` (SDXL), zero text states and a zero pooled embedding, the
+        time ids kept (diffusers' force_zeros_for_empty_prompt); else the encoded prompt."""
+        states, added = self.encode_conditioning(text_params, token_ids)
+        if not (empty and self.zero_empty_prompt):
+            return states, added
+        zero_added = None if added is None else self.added_cond(
+            jnp.zeros((added.shape[0], self.unet.config.added_text_dim)))
+        return jnp.zeros_like(states), zero_added
+
+    def unet_eps(self, unet_params, x, t, text, image_tokens=None, image_scale=1.0, added_cond=None) -> jax.Array:
+        """The UNet's output: the noise, or the velocity for a v-prediction model (SD 2.x)."""
+        return self.unet.apply({"params": unet_params}, x, t, text, image_tokens, image_scale, added_cond)
 
     def encode_images(self, images01: jax.Array) -> jax.Array:
         """Images (B,H,W,3) in [0,1] -> CLIP ``image_embeds`` (B, projection_dim)."""
@@ -105,9 +154,17 @@ class Bundle:
         return vae_lib.encode(self.vae, self.vae_params, images, self.vae_scale)
 
     def _image_parts(self) -> ImageParts:
-        if self.image is None:
-            raise UserError(f"{self.source}: this bundle has no image encoder / IP-Adapter loaded")
+        self.require_image_parts()
         return self.image
+
+    def require_image_parts(self) -> None:
+        """The image stage's parts are there, or a one-line error saying where to put them."""
+        if self.image is not None:
+            return
+        raise UserError(f"{self.source}: the image stage needs an image encoder and an IP-Adapter: set "
+                        f"model.ip_adapter and model.image_encoder, or put image_encoder/ and ip-adapter*.safetensors "
+                        f"in the model folder. Any IP-Adapter file whose shapes fit this UNet (cross-attention "
+                        f"width {self.unet.config.cross_attention_dim}) will do; SD 2.x has no official one")
 
 
 # --------------------------------------------------------------------------- loading
@@ -163,14 +220,30 @@ def load_vae(folder: Path, allow_pickle: bool = False) -> tuple[Any, dict, float
     return vae, params, vae_lib.scaling_factor(config)
 
 
-def _text_encoder(folder: Path, state: dict) -> tuple[clip_lib.CLIPTextEncoder, dict]:
-    config = CLIPTextConfig.from_dict(_read_json(folder / "config.json", "text_encoder"))
-    encoder = clip_lib.CLIPTextEncoder(config)
-    return encoder, convert.torch_state_to_flax(state, _abstract(encoder.init_params), "text_encoder")
+def _text_encoder(folder: Path, state: dict, component: str = "text_encoder", hidden_layer: str = "last",
+                  projection: bool = False) -> tuple[clip_lib.CLIPTextEncoder, dict]:
+    config = CLIPTextConfig.from_dict(_read_json(folder / "config.json", component))
+    encoder = clip_lib.CLIPTextEncoder(config, hidden_layer=hidden_layer, projection=projection)
+    return encoder, convert.torch_state_to_flax(state, _abstract(encoder.init_params), component)
 
 
 def load_text_encoder(folder: Path, allow_pickle: bool = False) -> tuple[clip_lib.CLIPTextEncoder, dict]:
     return _text_encoder(folder, convert.read_torch_weights(folder, CLIP_WEIGHTS, "text_encoder", allow_pickle))
+
+
+def load_sdxl_text_encoders(root: Path, allow_pickle: bool = False) -> tuple[clip_lib.SDXLTextEncoder, dict]:
+    """SDXL's ``text_encoder/`` (CLIPTextModel) and ``text_encoder_2/`` (CLIPTextModelWithProjection)."""
+    towers = []
+    for name, projection in (("text_encoder", False), ("text_encoder_2", True)):
+        folder = _component_dir(root, name)
+        state = convert.read_torch_weights(folder, CLIP_WEIGHTS, name, allow_pickle)
+        if projection and "text_projection.weight" not in state:
+            raise UserError(f"{folder} has no text_projection.weight (SDXL's second tower is a "
+                            f"CLIPTextModelWithProjection)")
+        towers.append(_text_encoder(folder, state, name, "penultimate", projection))
+    (first, first_params), (second, second_params) = towers
+    encoder = clip_lib.SDXLTextEncoder(first.config, second.config)
+    return encoder, {"text_encoder": first_params, "text_encoder_2": second_params}
 
 
 def load_text_encoder_with_projection(folder: Path) -> tuple[clip_lib.CLIPTextEncoder, dict, jax.Array]:
@@ -217,17 +290,37 @@ def find_ip_adapter(root: Path) -> Path | None:
     return candidates[0] if candidates else None
 
 
+def zero_empty_prompt(root: Path, choice: str = "auto") -> bool:
+    """Whether the unconditional branch of an empty prompt is zeros: ``choice`` zeros | encoded, or
+    auto: the pipeline's ``force_zeros_for_empty_prompt`` in model_index.json (SDXL's pipelines
+    default to true; SD 1.x/2.x have no such key and encode the empty prompt)."""
+    if choice not in EMPTY_PROMPT_CHOICES:
+        raise UserError(f"model.empty_prompt must be one of {EMPTY_PROMPT_CHOICES}, got {choice!r}")
+    if choice != "auto":
+        return choice == "zeros"
+    index = root / "model_index.json"
+    values = _read_json(index, "model_index") if index.is_file() else {}
+    sdxl_pipeline = "XL" in str(values.get("_class_name", "")) or (root / "text_encoder_2").is_dir()
+    return bool(values.get("force_zeros_for_empty_prompt", sdxl_pipeline))
+
+
 def load_bundle(source: str, *, ip_adapter: str | None = None, image_encoder: str | None = None,
                 precision: Precision = Precision(), allow_pickle: bool = False,
-                with_image_parts: bool = True) -> Bundle:
+                with_image_parts: bool = True, empty_prompt: str = "auto") -> Bundle:
     """Loads a bundle from a diffusers-layout folder or a preset name (see module docstring)."""
     root = presets.source_folder(source)
     if not root.is_dir():
         raise UserError(f"model source {source!r} is neither a folder nor a preset ({', '.join(presets.PRESETS)})")
     unet, unet_params = load_unet(_component_dir(root, "unet"), precision, allow_pickle)
     vae, vae_params, vae_scale = load_vae(_component_dir(root, "vae"), allow_pickle)
-    text_encoder, text_params = load_text_encoder(_component_dir(root, "text_encoder"), allow_pickle)
     tokenizer = load_tokenizer(_component_dir(root, "tokenizer"))
+    tokenizer_2 = None
+    if (root / "text_encoder_2").is_dir():
+        text_encoder, text_params = load_sdxl_text_encoders(root, allow_pickle)
+        tokenizer_2 = load_tokenizer(_component_dir(root, "tokenizer_2"))
+    else:
+        text_encoder, text_params = load_text_encoder(_component_dir(root, "text_encoder"), allow_pickle)
+    _check_text_fits_unet(text_encoder, unet.config, root)
     scheduler_config = _read_json(_component_dir(root, "scheduler") / "scheduler_config.json", "scheduler")
 
     image = None
@@ -245,7 +338,28 @@ def load_bundle(source: str, *, ip_adapter: str | None = None, image_encoder: st
         image = ImageParts(encoder, encoder_params, preprocess, proj, proj_params)
 
     return Bundle(unet, unet_params, vae, vae_params, vae_scale, text_encoder, text_params, tokenizer,
-                  scheduler_config, image, source=str(source))
+                  scheduler_config, image, source=str(source), tokenizer_2=tokenizer_2,
+                  zero_empty_prompt=zero_empty_prompt(root, empty_prompt))
+
+
+def _check_text_fits_unet(text_encoder, unet_config: UNetConfig, root: Path) -> None:
+    """The text states' width is the UNet's cross-attention width; SDXL's pooled embedding fits text_time."""
+    if isinstance(text_encoder, clip_lib.SDXLTextEncoder):
+        width = text_encoder.config.hidden_size + text_encoder.config_2.hidden_size
+        if not unet_config.addition_embed_type:
+            raise UserError(f"{root}: text_encoder_2/ is there (SDXL) but the UNet has no text_time conditioning")
+        if unet_config.added_time_ids != 6:
+            raise UserError(f"{root}: the SDXL refiner (aesthetic-score conditioning) is not supported; use SDXL base")
+        if text_encoder.config_2.projection_dim != unet_config.added_text_dim:
+            raise UserError(f"{root}: text_encoder_2's projection_dim {text_encoder.config_2.projection_dim} does "
+                            f"not fit the UNet's text_time pooled width {unet_config.added_text_dim}")
+    else:
+        width = text_encoder.config.hidden_size
+        if unet_config.addition_embed_type:
+            raise UserError(f"{root}: the UNet takes text_time conditioning (SDXL) but there is no text_encoder_2/")
+    if width != unet_config.cross_attention_dim:
+        raise UserError(f"{root}: the text towers give {width}-d states, the UNet's cross-attention takes "
+                        f"{unet_config.cross_attention_dim}")
 
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -262,4 +376,5 @@ def load_bundle_from_config(model_config) -> Bundle:
     """``load_bundle`` with the arguments of a config's ``model`` section."""
     return load_bundle(model_config.source, ip_adapter=model_config.ip_adapter or None,
                        image_encoder=model_config.image_encoder or None,
-                       precision=precision_from_config(model_config), allow_pickle=model_config.allow_pickle)
+                       precision=precision_from_config(model_config), allow_pickle=model_config.allow_pickle,
+                       empty_prompt=model_config.get("empty_prompt", "auto"))

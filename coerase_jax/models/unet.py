@@ -1,4 +1,4 @@
-"""The Stable Diffusion 1.x UNet, with IP-Adapter's decoupled image cross-attention.
+"""The Stable Diffusion UNet (1.x, 2.x and XL), with IP-Adapter's decoupled image cross-attention.
 
 The parameter tree is the one diffusers' ``FlaxUNet2DConditionModel`` builds (same module
 names, same shapes), so its weights load unchanged. What we add:
@@ -8,11 +8,14 @@ names, same shapes), so its weights load unchanged. What we add:
   ``Z = softmax(Q K^T/sqrt(d)) V + s * softmax(Q K'^T/sqrt(d)) V'`` (DESIGN.md section 2);
 * attention through ``jax.nn.dot_product_attention`` (cuDNN / XLA / TPU kernels);
 * a compute dtype separate from the parameter dtype, and a rematerialisation policy;
+* SD 2.x's ``upcast_attention`` (scores and softmax in float32 when computing in bf16/fp16) and
+  SDXL's ``text_time`` added conditioning (``added_cond``: the pooled text embedding and the
+  micro-conditioning time ids, embedded and added to the time embedding);
 * ``numerics``: "torch" reproduces PyTorch diffusers (exact GELU, spatial GroupNorm eps 1e-6),
   which is what real SD weights were trained with; "diffusers_flax" reproduces diffusers' Flax
   port (tanh GELU, eps 1e-5), used only to prove the parameter trees are the same.
 
-Dropout is absent on purpose: SD 1.x trains with dropout 0 and erasure never uses it.
+Dropout is absent on purpose: SD trains with dropout 0 and erasure never uses it.
 """
 
 from __future__ import annotations
@@ -43,14 +46,13 @@ REMAT_POLICIES = {
 }
 
 # Keys of a diffusers UNet config.json that we read, and the values we support for the keys
-# that SD 1.x leaves at their defaults (anything else is a different architecture).
+# that SD 1.x, 2.x and XL leave at their defaults (anything else is a different architecture).
 _SUPPORTED_DEFAULTS = {
     "act_fn": "silu",
     "center_input_sample": False,
     "downsample_padding": 1,
     "mid_block_scale_factor": 1,
     "class_embed_type": None,
-    "addition_embed_type": None,
     "encoder_hid_dim": None,
     "encoder_hid_dim_type": None,
     "time_embedding_type": "positional",
@@ -66,16 +68,17 @@ _SUPPORTED_DEFAULTS = {
     "resnet_out_scale_factor": 1.0,
     "class_embeddings_concat": False,
     "time_embedding_act_fn": None,
+    "time_embedding_dim": None,
     "timestep_post_act": None,
-    "addition_time_embed_dim": None,
-    "projection_class_embeddings_input_dim": None,
+    "mid_block_only_cross_attention": None,
     "reverse_transformer_layers_per_block": None,
 }
+TEXT_TIME = "text_time"  # SDXL's addition_embed_type
 
 
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
-    """The architecture fields of a diffusers ``UNet2DConditionModel`` config (SD 1.x subset)."""
+    """The architecture fields of a diffusers ``UNet2DConditionModel`` config (SD 1.x, 2.x and XL)."""
 
     sample_size: int = 64
     in_channels: int = 4
@@ -97,6 +100,11 @@ class UNetConfig:
     norm_eps: float = 1e-5
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
+    upcast_attention: bool = False  # SD 2.1: attention scores in float32 (a no-op when computing in float32)
+    # SDXL: "text_time" adds Dense-SiLU-Dense([pooled text, sinusoids of the time ids]) to the time embedding
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None  # sinusoid width per time id (256)
+    projection_class_embeddings_input_dim: int | None = None  # pooled text + ids x the width above (2816)
 
     @classmethod
     def from_diffusers(cls, config: dict[str, Any]) -> "UNetConfig":
@@ -109,8 +117,8 @@ class UNetConfig:
                 ok = value == default
             if not ok:
                 raise UserError(
-                    f"unet config: {key}={value!r} is not supported (this project handles SD 1.x UNets; "
-                    f"expected {default!r})"
+                    f"unet config: {key}={value!r} is not supported (this project handles SD 1.x, 2.x and XL "
+                    f"UNets; expected {default!r})"
                 )
         fields = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in config.items() if k in fields}
@@ -121,6 +129,7 @@ class UNetConfig:
                     "only_cross_attention"):
             if isinstance(kwargs.get(key), list):
                 kwargs[key] = tuple(kwargs[key])
+        kwargs["upcast_attention"] = bool(kwargs.get("upcast_attention"))  # SDXL's config says null
         made = cls(**kwargs)
         made.validate()
         return made
@@ -142,6 +151,14 @@ class UNetConfig:
                 raise UserError(
                     f"unet config: {channels} channels do not divide into {self.norm_num_groups} norm groups"
                 )
+        if self.addition_embed_type not in (None, TEXT_TIME):
+            raise UserError(f"unet config: addition_embed_type {self.addition_embed_type!r} is not supported "
+                            f"(None, or SDXL's {TEXT_TIME!r})")
+        if self.addition_embed_type == TEXT_TIME and (
+                not self.addition_time_embed_dim or not self.projection_class_embeddings_input_dim
+                or self.added_text_dim <= 0):
+            raise UserError("unet config: text_time needs addition_time_embed_dim and a "
+                            "projection_class_embeddings_input_dim larger than the time ids' sinusoids")
 
     def to_diffusers(self) -> dict[str, Any]:
         """A config.json that diffusers' torch ``UNet2DConditionModel.from_pretrained`` accepts."""
@@ -160,6 +177,25 @@ class UNetConfig:
     def heads(self) -> list[int]:
         return self.per_block(self.num_attention_heads or self.attention_head_dim)
 
+    @property
+    def added_time_ids(self) -> int:
+        """How many micro-conditioning numbers ``text_time`` takes: 6 for SDXL base (original size,
+        crop corner, target size), 5 for the refiner (an aesthetic score instead of the target size),
+        told apart as diffusers does."""
+        refiner = 5 * self.addition_time_embed_dim + self.cross_attention_dim == \
+            self.projection_class_embeddings_input_dim
+        return 5 if refiner else 6
+
+    @property
+    def added_text_dim(self) -> int:
+        """Width of the pooled text embedding in ``added_cond`` (1280 for SDXL)."""
+        return self.projection_class_embeddings_input_dim - self.added_time_ids * self.addition_time_embed_dim
+
+    @property
+    def added_cond_dim(self) -> int:
+        """Width of the UNet's ``added_cond`` argument: pooled text, then the time ids (0: none)."""
+        return self.added_text_dim + self.added_time_ids if self.addition_embed_type == TEXT_TIME else 0
+
 
 def timestep_embedding(timesteps: Array, dim: int, flip_sin_to_cos: bool, freq_shift: float) -> Array:
     """Sinusoidal embedding of (B,) timesteps, as diffusers' ``get_timestep_embedding``."""
@@ -173,21 +209,27 @@ def timestep_embedding(timesteps: Array, dim: int, flip_sin_to_cos: bool, freq_s
 QUERY_CHUNK = 1024
 
 
-def multihead_attention(q: Array, k: Array, v: Array, heads: int, implementation: str | None) -> Array:
+def multihead_attention(q: Array, k: Array, v: Array, heads: int, implementation: str | None,
+                        upcast: bool = False) -> Array:
     """softmax(Q K^T / sqrt(d)) V per head; q (B,T,D), k/v (B,S,D) -> (B,T,D).
 
     ``implementation``: None (JAX chooses), "xla", "cudnn" (flash attention on NVIDIA GPUs), or
     "chunked": queries in blocks of QUERY_CHUNK under a sequential map, each block rematerialised,
     so at most one (block x S) score matrix is alive, in the forward and the backward pass alike.
+    ``upcast`` (SD 2.1's upcast_attention): a bf16/fp16 attention runs in float32 and is cast back;
+    cuDNN's flash kernel already keeps its scores in float32, so it is left as it is.
     """
     b, t, d = q.shape
+    dtype = q.dtype
+    if upcast and implementation != "cudnn":
+        q, k, v = (x.astype(jnp.promote_types(x.dtype, jnp.float32)) for x in (q, k, v))
     split = lambda x: x.reshape(x.shape[0], x.shape[1], heads, d // heads)
     q, k, v = split(q), split(k), split(v)
     if implementation == "chunked":
         out = _chunked_attention(q, k, v)
     else:
         out = jax.nn.dot_product_attention(q, k, v, implementation=implementation)
-    return out.reshape(b, t, d)
+    return out.reshape(b, t, d).astype(dtype)
 
 
 def _chunked_attention(q: Array, k: Array, v: Array) -> Array:
@@ -245,6 +287,7 @@ class Attention(nn.Module):
     heads: int
     precision: Precision
     with_image_kv: bool = False
+    upcast: bool = False  # scores in float32 (UNetConfig.upcast_attention)
 
     @nn.compact
     def __call__(self, x: Array, context: Array | None = None, image_tokens: Array | None = None,
@@ -255,7 +298,7 @@ class Attention(nn.Module):
         q = p.dense(inner, "to_q", use_bias=False)(x)
         k = p.dense(inner, "to_k", use_bias=False)(context)
         v = p.dense(inner, "to_v", use_bias=False)(context)
-        out = multihead_attention(q, k, v, self.heads, p.attention_impl)
+        out = multihead_attention(q, k, v, self.heads, p.attention_impl, self.upcast)
         if image_tokens is not None:
             if not self.with_image_kv:
                 raise UserError("image tokens given, but this UNet was built without IP-Adapter image K/V")
@@ -264,7 +307,7 @@ class Attention(nn.Module):
             v_ip = p.dense(inner, "to_v_ip", use_bias=False)(image_tokens)
             scale = jnp.asarray(image_scale, out.dtype)
             scale = scale.reshape(-1, 1, 1) if scale.ndim == 1 else scale  # one scale per example
-            out = out + scale * multihead_attention(q, k_ip, v_ip, self.heads, p.attention_impl)
+            out = out + scale * multihead_attention(q, k_ip, v_ip, self.heads, p.attention_impl, self.upcast)
         return p.dense(x.shape[-1], "to_out_0")(out)
 
 
@@ -295,13 +338,15 @@ class TransformerBlock(nn.Module):
     only_cross_attention: bool
     with_image_kv: bool
     precision: Precision
+    upcast_attention: bool = False
 
     @nn.compact
     def __call__(self, x, context, image_tokens=None, image_scale=1.0):
         p = self.precision
         self_context = context if self.only_cross_attention else None
-        x = x + Attention(self.heads, p, name="attn1")(p.layer_norm("norm1")(x), self_context)
-        x = x + Attention(self.heads, p, self.with_image_kv, name="attn2")(
+        x = x + Attention(self.heads, p, upcast=self.upcast_attention, name="attn1")(p.layer_norm("norm1")(x),
+                                                                                     self_context)
+        x = x + Attention(self.heads, p, self.with_image_kv, self.upcast_attention, name="attn2")(
             p.layer_norm("norm2")(x), context, image_tokens, image_scale)
         return x + FeedForward(p, name="ff")(p.layer_norm("norm3")(x))
 
@@ -316,6 +361,7 @@ class SpatialTransformer(nn.Module):
     with_image_kv: bool
     norm_num_groups: int
     precision: Precision
+    upcast_attention: bool = False
 
     @nn.compact
     def __call__(self, x, context, image_tokens=None, image_scale=1.0):
@@ -330,7 +376,7 @@ class SpatialTransformer(nn.Module):
             x = p.conv(c, "proj_in", kernel=1)(x).reshape(b, h * w, c)
         block_cls = p.remat_module(TransformerBlock)
         for i in range(self.depth):
-            x = block_cls(self.heads, self.only_cross_attention, self.with_image_kv, p,
+            x = block_cls(self.heads, self.only_cross_attention, self.with_image_kv, p, self.upcast_attention,
                           name=f"transformer_blocks_{i}")(x, context, image_tokens, image_scale)
         if self.use_linear_projection:
             x = p.dense(c, "proj_out")(x).reshape(b, h, w, c)
@@ -394,7 +440,7 @@ def _resnet(s: _BlockSpec, cfg: UNetConfig, p: Precision, name: str) -> nn.Modul
 
 def _transformer(s: _BlockSpec, cfg: UNetConfig, p: Precision, with_image_kv: bool, name: str) -> nn.Module:
     return SpatialTransformer(s.heads, s.depth, cfg.use_linear_projection, s.only_cross_attention, with_image_kv,
-                              cfg.norm_num_groups, p, name=name)
+                              cfg.norm_num_groups, p, cfg.upcast_attention, name=name)
 
 
 class DownBlock(nn.Module):
@@ -454,8 +500,10 @@ class MidBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """SD 1.x UNet on NCHW latents. ``image_tokens`` (B, n, cross_dim) are optional and decoupled;
-    ``image_scale`` is a scalar or one value per example (0 turns an example's image tokens off)."""
+    """SD UNet on NCHW latents. ``image_tokens`` (B, n, cross_dim) are optional and decoupled;
+    ``image_scale`` is a scalar or one value per example (0 turns an example's image tokens off);
+    ``added_cond`` (B, config.added_cond_dim), SDXL's only: the pooled text embedding followed by
+    the micro-conditioning time ids (``time_ids``)."""
 
     config: UNetConfig
     with_image_kv: bool = False
@@ -463,11 +511,17 @@ class UNet(nn.Module):
 
     @nn.compact
     def __call__(self, sample: Array, timesteps: Array, encoder_hidden_states: Array,
-                 image_tokens: Array | None = None, image_scale: float | Array = 1.0) -> Array:
+                 image_tokens: Array | None = None, image_scale: float | Array = 1.0,
+                 added_cond: Array | None = None) -> Array:
         cfg, p = self.config, self.precision
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
         temb = timestep_embedding(timesteps, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
         temb = _TimeEmbedding(cfg.block_out_channels[0] * 4, p, name="time_embedding")(temb.astype(p.dtype))
+        if cfg.addition_embed_type == TEXT_TIME:
+            if added_cond is None:
+                raise UserError("this UNet (SDXL) takes added_cond: the pooled text embedding and the time ids")
+            added = text_time_input(added_cond, cfg).astype(p.dtype)
+            temb = temb + _TimeEmbedding(cfg.block_out_channels[0] * 4, p, name="add_embedding")(added)
         context = encoder_hidden_states.astype(p.dtype)
         cond = (temb, context, image_tokens, image_scale)
 
@@ -504,7 +558,17 @@ class UNet(nn.Module):
         sample = jnp.zeros((1, cfg.in_channels, cfg.sample_size, cfg.sample_size), jnp.float32)
         text = jnp.zeros((1, 77, cfg.cross_attention_dim), jnp.float32)
         image = jnp.zeros((1, num_image_tokens, cfg.cross_attention_dim)) if self.with_image_kv else None
-        return self.init(rng, sample, jnp.zeros((1,), jnp.int32), text, image)["params"]
+        added = jnp.zeros((1, cfg.added_cond_dim)) if cfg.addition_embed_type else None
+        return self.init(rng, sample, jnp.zeros((1,), jnp.int32), text, image, 1.0, added)["params"]
+
+
+def text_time_input(added_cond: Array, cfg: UNetConfig) -> Array:
+    """SDXL's added conditioning (B, pooled + ids) -> [pooled, sinusoids of each time id] (B, P + ids x W),
+    the input of ``add_embedding`` (diffusers' ``add_time_proj`` on the flattened time ids)."""
+    pooled, time_ids = added_cond[:, :cfg.added_text_dim], added_cond[:, cfg.added_text_dim:]
+    sinusoids = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos,
+                                   cfg.freq_shift)
+    return jnp.concatenate([pooled.astype(jnp.float32), sinusoids.reshape(added_cond.shape[0], -1)], axis=-1)
 
 
 class _TimeEmbedding(nn.Module):
