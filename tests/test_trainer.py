@@ -247,19 +247,27 @@ def test_no_recompilation_during_a_run(tiny_bundle, image_dir, tmp_path):
         assert records[-1][1] == records[0][1], f"{stage}: compiled again after its first step"
 
 
-def test_a_run_made_before_newer_config_keys_still_loads_with_their_defaults(uninterrupted, tiny_bundle):
-    """An older run's config.json lacks keys added since (LoRA, joint erasure, eval): they take the
-    defaults, which are the behaviour of that time, so its result still loads."""
+def test_a_run_made_before_newer_config_keys_still_loads_with_their_defaults(uninterrupted, tiny_bundle, image_dir):
+    """An older run's config.json lacks keys added since (LoRA, joint erasure, eval, the anchor): they
+    take the defaults, which are the behaviour of that time, so its result still loads and the run
+    still resumes under today's config."""
+    from coerase_jax.erase.trainer import check_run_dir
+
     run_dir, expected = uninterrupted
     saved = json.loads((run_dir / "config.json").read_text())
     del saved["erase"]["lora_rank"], saved["erase"]["lora_alpha"], saved["concept"]["joint"], saved["eval"]
+    del saved["erase"]["anchor_prompt"]
     old = run_dir.parent / "older_run"
     shutil.copytree(run_dir, old)
-    (old / "config.json").write_text(json.dumps(saved))
+    (old / "config.json").write_text(json.dumps({**saved, "run_dir": str(old)}))
     config = config_from_run(str(old))
     assert config.erase.lora_rank == 0 and config.concept.joint == () and config.eval.judge == "auto"
     assert config.concept.prompts == tuple(saved["concept"]["prompts"])
     _assert_same_params(final_params(config, tiny_bundle), expected)
+    check_run_dir(old, load_config(str(REPO / "configs" / "tiny.py"), _overrides(old, image_dir)))  # resumes
+    with pytest.raises(UserError, match="different config"):  # but a changed default it never had is refused
+        check_run_dir(old, load_config(str(REPO / "configs" / "tiny.py"), _overrides(old, image_dir) +
+                                       ["--config.erase.anchor_prompt=a square"]))
 
 
 def _copy_run(run_dir: Path, to: Path) -> None:

@@ -32,7 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from coerase_jax.configuration import to_json
+from coerase_jax.configuration import config_from_run, to_json
 from coerase_jax.diffusion.schedule import NoiseSchedule
 from coerase_jax.erase import lora, streams, subsets
 from coerase_jax.erase.method import real_token_mask
@@ -366,11 +366,12 @@ class MetricsLog:
 
 
 def check_run_dir(run_dir: Path, config) -> None:
-    """A run directory holds one config; resuming with a different one is refused."""
+    """A run directory holds one config; resuming with a different one is refused. Keys added to
+    the project since the run was made count as their defaults (the behaviour of that time)."""
     saved = run_dir / "config.json"
     current = json.loads(to_json(config))
     if saved.is_file():
-        previous = json.loads(saved.read_text())
+        previous = json.loads(to_json(config_from_run(str(run_dir))))
         strip = lambda c: {k: v for k, v in c.items() if k not in RESUMABLE_CHANGES}
         if strip(previous) != strip(current):
             diff = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k)
