@@ -67,6 +67,7 @@ def test_export_uses_diffusers_names_and_reads_back(tiny_bundle, tmp_path):
         assert_same_maths(b, a, 2 + 3)  # W + 3 (A B) vs W + A (3 B): a rank-2 product, a scaling, a sum
 
 
+@pytest.mark.slow  # (47 s; the default run keeps the export-and-read-back test above)
 @pytest.mark.cross_program
 def test_a_lora_erasure_exports_a_lora_that_reproduces_the_trained_unet(tiny_bundle, tmp_path):
     images = tmp_path / "refs"

@@ -60,6 +60,7 @@ def _device_check(out: Path, *extra: str) -> list[dict]:
     return json.loads((out / "device_check.json").read_text())["rows"]
 
 
+@pytest.mark.slow  # (85 s; a benchmark's rehearsal, kept out of the default run for its time budget)
 def test_the_accelerator_check_rehearses_on_a_cpu_and_writes_its_table(tmp_path):
     """Two of its rows (the full rehearsal is the slow test below): one concept (with the sampler)
     and eight side by side, and the table."""

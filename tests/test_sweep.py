@@ -42,6 +42,7 @@ def test_the_grid_makes_one_cell_per_combination():
         plan_cells(_config(grid=(("erase.eta", ()),)))
 
 
+@pytest.mark.slow  # (45 s; the default run keeps the side-by-side sweep test below)
 def test_a_killed_sweep_resumes_without_redoing_finished_cells(tiny_bundle, tmp_path):
     config = _config(grid=(("text_stage.learning_rate", (1e-4,)),))
     mesh = make_mesh({"data": 1}, jax.devices()[:1])

@@ -84,6 +84,8 @@ def uninterrupted(tiny_bundle, image_dir, tmp_path_factory):
     return run_dir, params
 
 
+# (80 s; the default run keeps resume = uninterrupted through the damaged-checkpoint test below)
+@pytest.mark.slow
 def test_sigkill_between_checkpoints_resumes_to_the_same_parameters(uninterrupted, tiny_bundle, image_dir,
                                                                     tmp_path):
     _, expected = uninterrupted
@@ -101,7 +103,7 @@ def test_sigkill_between_checkpoints_resumes_to_the_same_parameters(uninterrupte
     assert steps == list(range(1, 16))  # replayed steps are not logged twice
 
 
-@pytest.mark.slow  # (67 s; the SIGKILL test above keeps resume = uninterrupted in the default run)
+@pytest.mark.slow  # (67 s)
 def test_sigterm_saves_and_resumes_to_the_same_parameters(uninterrupted, tiny_bundle, image_dir, tmp_path):
     _, expected = uninterrupted
     run_dir = tmp_path / "preempted"
