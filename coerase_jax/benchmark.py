@@ -39,11 +39,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from coerase_jax import compile_cache
 from coerase_jax.diffusion.sampling import Conditioning, denoise, guided_eps
 from coerase_jax.erase.batched import batched_step, concept_batch_sharding, concept_sharding, jit_batched_step
 from coerase_jax.diffusion.schedule import NoiseSchedule
 from coerase_jax.erase.step import Batch, TrainState, build_step, denoiser, jit_step
-from coerase_jax.erase.trainer import optimizer_for, plan_stages, zt_plan
+from coerase_jax.erase.trainer import optimizer_for, plan_stages, program_config, zt_plan
 from coerase_jax.errors import UserError
 from coerase_jax.models.bundle import DTYPES, precision_from_config
 from coerase_jax.models.image_proj import ImageProjection
@@ -181,35 +182,41 @@ def run_bench(config, compile_only: bool = False) -> dict[str, Any]:
     args = (_abstract(state, state_sh), _abstract(frozen, sh(frozen)), _abstract(teacher, sh(teacher)),
             _abstract(proj_params, sh(proj_params)), _abstract(batch, batch_sh))
 
-    def lower_step(unet_def):
+    def jit_for(unet_def):
         if concepts > 1:
             step_fn = build_step(unet_def, proj, plan, settings, optimizer, shapes.latent_shape, None,
                                  compose=stage.trainable.compose)
             return jit_batched_step(batched_step(step_fn), mesh, state, frozen, teacher, proj_params, batch,
-                                    donate=config.bench.donate).lower(*args)
+                                    donate=config.bench.donate)
         step_fn = build_step(unet_def, proj, plan, settings, optimizer, shapes.latent_shape, mesh,
                              compose=stage.trainable.compose)
-        return jit_step(step_fn, mesh, state, frozen, teacher, proj_params, batch,
-                        donate=config.bench.donate).lower(*args)
+        return jit_step(step_fn, mesh, state, frozen, teacher, proj_params, batch, donate=config.bench.donate)
 
+    made_of = (program_config(config), config.bench, shapes, stage, plan)  # what the programs' closures read
     start = time.perf_counter()
-    compiled = lower_step(unet).compile()
+    compiled, _ = compile_cache.compile_program(jit_for(unet), args, made_of, "bench-step")
     compile_s = time.perf_counter() - start
     memory = _memory(compiled)
 
-    # FLOPs from the lowered programs (no compile needed) with plain XLA attention: the cost
-    # analysis counts a loop body once, which would hide chunked attention's blocks too.
-    flops_unet = UNet(shapes.unet, with_image_kv=True, precision=dataclasses.replace(precision, attention_impl="xla"))
-    eps = denoiser(flops_unet)
-    sampler_params = _abstract(params, sh(params))
-    cond = Conditioning(jax.ShapeDtypeStruct((batch_size, shapes.text_len, d), f32), None, added)
-    uncond = cond if settings.zt_guidance != 1.0 else None
-    x = jax.ShapeDtypeStruct((batch_size,) + shapes.latent_shape, f32)
-    t = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
-    body = jax.jit(lambda p, x, t, c, u: guided_eps(eps, p, x, t, c, u, settings.zt_guidance))
-    body_flops = _cost_flops(body.lower(sampler_params, x, t, cond, uncond)) * concepts
-    expected_loop = (plan.num_steps - 1) / 2
-    flops_per_iter = _cost_flops(lower_step(flops_unet)) + (expected_loop - 1) * body_flops
+    def count_flops() -> dict:
+        # FLOPs from the lowered programs (no compile needed) with plain XLA attention: the cost
+        # analysis counts a loop body once, which would hide chunked attention's blocks too.
+        flops_unet = UNet(shapes.unet, with_image_kv=True,
+                          precision=dataclasses.replace(precision, attention_impl="xla"))
+        eps = denoiser(flops_unet)
+        sampler_params = _abstract(params, sh(params))
+        cond = Conditioning(jax.ShapeDtypeStruct((batch_size, shapes.text_len, d), f32), None, added)
+        uncond = cond if settings.zt_guidance != 1.0 else None
+        x = jax.ShapeDtypeStruct((batch_size,) + shapes.latent_shape, f32)
+        t = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
+        body = jax.jit(lambda p, x, t, c, u: guided_eps(eps, p, x, t, c, u, settings.zt_guidance))
+        body_flops = _cost_flops(body.lower(sampler_params, x, t, cond, uncond)) * concepts
+        expected_loop = (plan.num_steps - 1) / 2
+        step_flops = _cost_flops(jit_for(flops_unet).lower(*args))
+        return {"per_iter": step_flops + (expected_loop - 1) * body_flops, "zt_eval": body_flops}
+
+    flops = compile_cache.remembered("bench-flops", (made_of, args), count_flops)
+    flops_per_iter, body_flops = flops["per_iter"], flops["zt_eval"]
     eps = denoiser(unet)
 
     concrete = None
@@ -222,7 +229,7 @@ def run_bench(config, compile_only: bool = False) -> dict[str, Any]:
     if config.bench.sampler:
         sample_plan = NoiseSchedule.from_config(shapes.scheduler).ddim_plan(config.sample.steps)
         sampler = _sampler_bench(eps, sample_plan, params, shapes, mesh, config,
-                                 None if concrete is None else concrete[4])
+                                 None if concrete is None else concrete[4], made_of=(made_of, config.sample))
 
     result = {
         "device_kind": jax.devices()[0].device_kind,
@@ -305,7 +312,7 @@ def _materialise(unet, proj, shapes, params, teacher_dtype, init_state, mesh, co
     return state, froz, teacher, jax.device_put(proj_params, sh(proj_params)), full
 
 
-def _sampler_bench(eps, plan, params, shapes: Shapes, mesh, config, concrete_params=None) -> dict:
+def _sampler_bench(eps, plan, params, shapes: Shapes, mesh, config, concrete_params=None, made_of=()) -> dict:
     """The N-step DDIM + CFG loop of the UNet at the sampling batch size (text encode / VAE excluded).
 
     Compiled always; timed when ``concrete_params`` are given."""
@@ -322,7 +329,7 @@ def _sampler_bench(eps, plan, params, shapes: Shapes, mesh, config, concrete_par
     cond = Conditioning(on_data(jax.ShapeDtypeStruct(shape_c, f32)), None, on_data(_added_shape(shapes, batch)))
     args = (_abstract(params, sh), jax.ShapeDtypeStruct(shape_x, f32, sharding=data), cond, cond)
     start = time.perf_counter()
-    compiled = run.lower(*args).compile()
+    compiled, _ = compile_cache.compile_program(run, args, (made_of, plan), "bench-sampler")
     out = {"sampler_compile_s": round(time.perf_counter() - start, 2), "sampler_batch": batch,
            "sampler_steps": plan.num_steps, "images_per_s": None}
     if concrete_params is None:

@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{jax.local_device_count()} of {jax.device_count()} devices here", flush=True)
         from coerase_jax import compile_cache
 
-        cache = compile_cache.enable(config.compile.cache_dir)
+        cache = compile_cache.enable(config.compile.cache_dir, config.compile.executables)
         counter = compile_cache.counter()
         compiled_before, loaded_before = counter.counts()
         COMMANDS[args.command](args, config)

@@ -228,8 +228,10 @@ def base_config(source: str) -> ml_collections.ConfigDict:
     })
     config.mesh = ml_collections.ConfigDict({"concept": 1, "data": -1, "fsdp": 1, "tensor": 1})
     # JAX's persistent compilation cache (coerase_jax/compile_cache.py): "auto" (~/.cache/coerase-jax/xla),
-    # a folder, or "off"; the COERASE_COMPILE_CACHE environment variable overrides it.
-    config.compile = ml_collections.ConfigDict({"cache_dir": "auto"})
+    # a folder, or "off"; the COERASE_COMPILE_CACHE environment variable overrides it. With
+    # `executables` the erasure step and the bench's programs are also kept whole (serialised
+    # executables), so a warm start skips tracing and lowering as well as XLA's compile.
+    config.compile = ml_collections.ConfigDict({"cache_dir": "auto", "executables": True})
     config.checkpoint = ml_collections.ConfigDict({"every": 100, "keep": 3, "async_save": True})
     config.log = ml_collections.ConfigDict({"every": 1})
     config.sweep = ml_collections.ConfigDict({  # `coerase sweep` only (see coerase_jax/erase/sweep.py)

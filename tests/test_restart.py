@@ -7,8 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
-
 
 from coerase_jax import compile_cache
 
@@ -28,6 +30,7 @@ def test_the_cache_folder_follows_environment_then_config_then_the_default(tmp_p
 def _erase(run_dir: Path, cache: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_FLAGS", "JAX_COMPILATION", "JAX_PERSISTENT"))}
     env["COERASE_COMPILE_CACHE"] = str(cache)
+    env["COERASE_EXECUTABLE_CACHE"] = "on"
     command = [sys.executable, "-m", "coerase_jax.cli", "erase", "--config", "configs/tiny.py", "--run-dir", str(run_dir),
                "--config.erase.stages=('text',)", "--config.text_stage.steps=4", "--config.checkpoint.every=2",
                "--config.erase.ddim_steps=4"]
@@ -48,7 +51,75 @@ def test_a_resumed_erasure_compiles_nothing_with_a_warm_cache(tmp_path):
     resumed = _erase(run_dir, cache)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "[text] resuming from step 2" in resumed.stdout
+    assert "[text] loaded the step" in resumed.stdout  # the whole executable: no tracing either
     assert "coerase: 0 programs compiled" in resumed.stdout, resumed.stdout[-1500:]
+
+
+@pytest.fixture
+def executables(tmp_path):
+    folder = tmp_path / "executables"
+    compile_cache.enable_executables(folder)
+    yield folder
+    compile_cache.enable_executables(None)
+
+
+def _program():
+    def step(state, batch):
+        return {"w": state["w"] - 0.1 * batch.mean(0), "n": state["n"] + 1}, (batch ** 2).sum()
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def _state():
+    return {"w": jnp.arange(4.0), "n": jnp.zeros((), jnp.int32)}
+
+
+def test_an_executable_is_saved_once_and_loaded_whole_with_the_same_results(executables):
+    batch = jnp.linspace(-1.0, 1.0, 12).reshape(3, 4)
+    expected = _program()(_state(), batch)  # now in XLA's cache, whose copy could not be saved again
+    first, how = compile_cache.compile_program(_program(), (_state(), batch), {"lr": 0.1}, "toy")
+    assert how == "compiled" and len(list(executables.glob("toy-*.bin"))) == 1
+    loaded_before = compile_cache.counter().counts()[1]
+    again, how = compile_cache.compile_program(_program(), (_state(), batch), {"lr": 0.1}, "toy")
+    assert how == "loaded" and compile_cache.counter().counts()[1] == loaded_before + 1
+    for out in (first(_state(), batch), again(_state(), batch)):  # the same binary: equal to the bit
+        jax.tree_util.tree_map(np.testing.assert_array_equal, out, expected)
+    xla_cache = Path(os.environ["COERASE_COMPILE_CACHE"])  # and XLA's cache is in use again after
+    entries = set(xla_cache.iterdir())
+    jax.jit(lambda x: x * 7.25 - 3).lower(batch).compile()
+    assert set(xla_cache.iterdir()) - entries
+
+
+def test_an_executable_is_new_for_other_static_values_shapes_or_shardings(executables):
+    batch = jnp.ones((3, 4))
+    compile_cache.compile_program(_program(), (_state(), batch), {"lr": 0.1}, "toy")
+    assert compile_cache.compile_program(_program(), (_state(), batch), {"lr": 0.2}, "toy")[1] == "compiled"
+    assert compile_cache.compile_program(_program(), (_state(), jnp.ones((5, 4))), {"lr": 0.1}, "toy")[1] == \
+        "compiled"
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",))
+    split = jax.device_put(batch[:2], jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+    keys = {compile_cache.program_key("toy", {}, (_state(), b)) for b in (batch[:2], split)}
+    assert len(keys) == 2
+    assert len(list(executables.glob("toy-*.bin"))) == 3
+
+
+def test_a_damaged_executable_is_compiled_again_and_replaced(executables, capsys):
+    batch = jnp.ones((3, 4))
+    compile_cache.compile_program(_program(), (_state(), batch), {}, "toy")
+    (path,) = executables.glob("toy-*.bin")
+    path.write_bytes(b"not an executable")
+    compiled, how = compile_cache.compile_program(_program(), (_state(), batch), {}, "toy")
+    assert how == "compiled" and "could not load" in capsys.readouterr().out
+    assert compile_cache.compile_program(_program(), (_state(), batch), {}, "toy")[1] == "loaded"
+
+
+def test_values_without_a_stable_description_are_not_cached(executables, capsys):
+    class Opaque:
+        pass
+
+    compiled, how = compile_cache.compile_program(_program(), (_state(), jnp.ones((3, 4))), Opaque(), "toy")
+    assert how == "compiled" and "not caching" in capsys.readouterr().out
+    assert not executables.exists() or not list(executables.iterdir())
 
 
 def _device_check(out: Path, *extra: str) -> list[dict]:

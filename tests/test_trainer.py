@@ -1,5 +1,6 @@
 """The erasure run: resume after SIGKILL / SIGTERM, clear errors, non-finite loss, effect on the tiny model."""
 
+import contextlib
 import json
 import shutil
 import os
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from coerase_jax import compile_cache
 from coerase_jax.configuration import config_from_run, load_config
 from coerase_jax.data import embeddings
 from coerase_jax.diffusion.schedule import NoiseSchedule
@@ -77,10 +79,26 @@ def _assert_same_params(a, b):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_bundle, image_dir, tmp_path_factory):
+def executables(tmp_path_factory):
+    """A folder of whole executables, on only while a test using it runs."""
+    return tmp_path_factory.mktemp("executables")
+
+
+@contextlib.contextmanager
+def _executables_in(folder):
+    compile_cache.enable_executables(folder)
+    try:
+        yield
+    finally:
+        compile_cache.enable_executables(None)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_bundle, image_dir, tmp_path_factory, executables):
     run_dir = tmp_path_factory.mktemp("uninterrupted")
     config = load_config(str(REPO / "configs" / "tiny.py"), _overrides(run_dir, image_dir))
-    params = run_erasure(config, tiny_bundle, progress=False, mesh=_one_device())
+    with _executables_in(executables):  # its steps' executables are kept for a resumption to load
+        params = run_erasure(config, tiny_bundle, progress=False, mesh=_one_device())
     return run_dir, params
 
 
@@ -287,7 +305,7 @@ def _damage(checkpoint: Path) -> None:
 
 
 def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(uninterrupted, tiny_bundle, image_dir, tmp_path,
-                                                                capsys):
+                                                                capsys, executables):
     run_dir, expected = uninterrupted
     copy = tmp_path / "damaged"
     _copy_run(run_dir, copy)
@@ -296,9 +314,11 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(uninterrupted, 
     _damage(checkpoints / "15")
     (copy / "stage_image" / "done.json").unlink()
     config = load_config(str(REPO / "configs" / "tiny.py"), _overrides(copy, image_dir))
-    params = run_erasure(config, tiny_bundle, progress=False, mesh=_one_device())
+    with _executables_in(executables):
+        params = run_erasure(config, tiny_bundle, progress=False, mesh=_one_device())
     out = capsys.readouterr().out
     assert "checkpoint 15 in" in out and "does not read" in out and "[image] resuming from step 10" in out
+    assert "[image] loaded the step" in out  # the uninterrupted run's executable, deserialised
     assert (copy / "stage_image" / "damaged_checkpoints" / "15" / "state").is_dir()  # set aside, not deleted
     _assert_same_params(params, expected)
     _assert_same_params(_final(copy, tiny_bundle), expected)  # and the new step-15 checkpoint reads

@@ -32,6 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
+from coerase_jax import compile_cache
 from coerase_jax.configuration import config_from_run, to_json
 from coerase_jax.diffusion.schedule import NoiseSchedule
 from coerase_jax.erase import lora, streams, subsets
@@ -83,6 +84,11 @@ def plan_stages(config) -> list[Stage]:
         trainable = Trainable(subset, e.train_image_kv, int(e.lora_rank), float(scale), e.seed, index)
         out.append(Stage(name, index, subset, int(section.steps), float(section.learning_rate), settings, trainable))
     return out
+
+
+def program_config(config) -> dict:
+    """The config sections the compiled step is made of (the rest only say where and how often)."""
+    return {name: config[name] for name in ("model", "erase", "text_stage", "image_stage", "optim", "mesh")}
 
 
 def zt_plan(scheduler_config: dict, config):
@@ -431,8 +437,11 @@ def train_stage(stage: Stage, config, bundle: Bundle, start_params: dict, teache
     example = put_batch(sample_batch(data, config.erase.seed, stage.index, 0, batch_size), mesh)
     jitted = jit_step(step_fn, mesh, abstract_state, frozen, teacher, proj_params, example)
     compile_start = time.perf_counter()
-    compiled = jitted.lower(state, frozen, teacher, proj_params, example).compile()
-    print(f"[{stage.name}] compiled the step in {time.perf_counter() - compile_start:.1f}s "
+    made_of = (program_config(config), stage, plan, bundle.unet, bundle.image.proj if bundle.image else None,
+               bundle.latent_shape)  # what step_fn's closures read
+    compiled, how = compile_cache.compile_program(jitted, (state, frozen, teacher, proj_params, example), made_of,
+                                                  f"step-{stage.name}")
+    print(f"[{stage.name}] {how} the step in {time.perf_counter() - compile_start:.1f}s "
           f"({sum(x.size for x in jax.tree_util.tree_leaves(trainable)):,} trainable parameters, "
           f"subset {stage.subset}{f', LoRA rank {stage.trainable.lora_rank}' if stage.trainable.lora_rank else ''})")
 
