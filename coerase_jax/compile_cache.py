@@ -223,8 +223,9 @@ def compile_program(jitted, args, static, label: str):
     with _past_xla_cache():
         compiled = jitted.lower(*args).compile()
     try:
-        # the devices it runs on go with it (else it would be loaded onto every device there is)
-        device_ids = [d.id for d in compiled.runtime_executable().local_devices()]
+        # its device assignment goes with it, in order (else it would be loaded onto every device);
+        # read where jax's serialize() reads the executable, as jax's own cache passes it on load
+        device_ids = [d.id for d in compiled._executable._unloaded_executable.device_list]
         _write_atomically(path, pickle.dumps((*serialize_executable.serialize(compiled), device_ids)))
     except Exception as err:  # a program the runtime cannot serialise still runs
         print(f"coerase: could not save the {label} executable ({type(err).__name__}: {str(err)[:120]})")

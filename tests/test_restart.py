@@ -101,6 +101,13 @@ def test_an_executable_is_new_for_other_static_values_shapes_or_shardings(execut
     keys = {compile_cache.program_key("toy", {}, (_state(), b)) for b in (batch[:2], split)}
     assert len(keys) == 2
     assert len(list(executables.glob("toy-*.bin"))) == 3
+    # a program over two of the eight devices loads onto those two, in their order
+    on_two = jax.jit(lambda x: x * 2 + 1, out_shardings=split.sharding)
+    compile_cache.compile_program(on_two, (split,), {}, "two")
+    loaded, how = compile_cache.compile_program(on_two, (split,), {}, "two")
+    out = loaded(split)
+    assert how == "loaded" and out.sharding == split.sharding
+    np.testing.assert_array_equal(out, np.asarray(split) * 2 + 1)
 
 
 def test_a_damaged_executable_is_compiled_again_and_replaced(executables, capsys):
