@@ -78,12 +78,6 @@ def _assert_same_params(a, b):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-6)
 
 
-@pytest.fixture(scope="module")
-def executables(tmp_path_factory):
-    """A folder of whole executables, on only while a test using it runs."""
-    return tmp_path_factory.mktemp("executables")
-
-
 @contextlib.contextmanager
 def _executables_in(folder):
     compile_cache.enable_executables(folder)
@@ -94,11 +88,10 @@ def _executables_in(folder):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_bundle, image_dir, tmp_path_factory, executables):
+def uninterrupted(tiny_bundle, image_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("uninterrupted")
     config = load_config(str(REPO / "configs" / "tiny.py"), _overrides(run_dir, image_dir))
-    with _executables_in(executables):  # its steps' executables are kept for a resumption to load
-        params = run_erasure(config, tiny_bundle, progress=False, mesh=_one_device())
+    params = run_erasure(config, tiny_bundle, progress=False, mesh=_one_device())
     return run_dir, params
 
 
@@ -305,23 +298,26 @@ def _damage(checkpoint: Path) -> None:
 
 
 def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(uninterrupted, tiny_bundle, image_dir, tmp_path,
-                                                                capsys, executables):
+                                                                capsys):
+    """Twice, with whole executables on: the first resumption compiles its step and keeps it, the
+    second loads that executable; both end with the uninterrupted run's weights."""
     run_dir, expected = uninterrupted
-    copy = tmp_path / "damaged"
-    _copy_run(run_dir, copy)
-    checkpoints = copy / "stage_image" / "checkpoints"
-    assert sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) == [5, 10, 15]
-    _damage(checkpoints / "15")
-    (copy / "stage_image" / "done.json").unlink()
-    config = load_config(str(REPO / "configs" / "tiny.py"), _overrides(copy, image_dir))
-    with _executables_in(executables):
-        params = run_erasure(config, tiny_bundle, progress=False, mesh=_one_device())
-    out = capsys.readouterr().out
-    assert "checkpoint 15 in" in out and "does not read" in out and "[image] resuming from step 10" in out
-    assert "[image] loaded the step" in out  # the uninterrupted run's executable, deserialised
-    assert (copy / "stage_image" / "damaged_checkpoints" / "15" / "state").is_dir()  # set aside, not deleted
-    _assert_same_params(params, expected)
-    _assert_same_params(_final(copy, tiny_bundle), expected)  # and the new step-15 checkpoint reads
+    for attempt, how in enumerate(("compiled", "loaded")):
+        copy = tmp_path / f"damaged{attempt}"
+        _copy_run(run_dir, copy)
+        checkpoints = copy / "stage_image" / "checkpoints"
+        assert sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) == [5, 10, 15]
+        _damage(checkpoints / "15")
+        (copy / "stage_image" / "done.json").unlink()
+        config = load_config(str(REPO / "configs" / "tiny.py"), _overrides(copy, image_dir))
+        with _executables_in(tmp_path / "executables"):
+            params = run_erasure(config, tiny_bundle, progress=False, mesh=_one_device())
+        out = capsys.readouterr().out
+        assert "checkpoint 15 in" in out and "does not read" in out and "[image] resuming from step 10" in out
+        assert f"[image] {how} the step" in out
+        assert (copy / "stage_image" / "damaged_checkpoints" / "15" / "state").is_dir()  # set aside, not deleted
+        _assert_same_params(params, expected)
+        _assert_same_params(_final(copy, tiny_bundle), expected)  # and the new step-15 checkpoint reads
 
 
 def test_no_readable_checkpoint_is_a_one_line_error_that_moves_nothing(uninterrupted, tiny_bundle, image_dir,
