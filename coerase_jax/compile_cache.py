@@ -115,6 +115,17 @@ def enable_executables(folder: Path | None) -> None:
     _executables = None if folder is None else Path(folder)
 
 
+@contextlib.contextmanager
+def executables_in(folder: Path | None):
+    """Executables kept in ``folder`` inside the block; the earlier setting again after it."""
+    before = _executables
+    enable_executables(folder)
+    try:
+        yield
+    finally:
+        enable_executables(before)
+
+
 @functools.cache
 def code_fingerprint() -> str:
     """A hash of every source file of this package: any code change makes every key new."""
@@ -147,7 +158,7 @@ def describe(value) -> object:
         return {str(k): describe(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
     if isinstance(value, (list, tuple)):
         return [type(value).__name__, [describe(v) for v in value]]
-    if isinstance(value, np.ndarray) or isinstance(value, np.generic):
+    if isinstance(value, (np.ndarray, np.generic)):
         value = np.asarray(value)
         return ["ndarray", str(value.dtype), value.shape, hashlib.sha256(value.tobytes()).hexdigest()]
     if isinstance(value, (jax.Array, jax.ShapeDtypeStruct)):
@@ -200,15 +211,22 @@ def _past_xla_cache():
         reset_cache()
 
 
+def _kept_path(label: str, static, args, suffix: str) -> Path | None:
+    """Where this program's kept file lives; None when nothing is kept (off, or no stable key)."""
+    if _executables is None:
+        return None
+    try:
+        return _executables / f"{program_key(label, static, args)}{suffix}"
+    except TypeError as err:
+        print(f"coerase: not caching {label}{suffix} ({err})")
+        return None
+
+
 def compile_program(jitted, args, static, label: str):
     """``jitted.lower(*args).compile()``, or the executable an earlier process compiled from the
     same program. Returns ``(compiled, "compiled" | "loaded")``."""
-    if _executables is None:
-        return jitted.lower(*args).compile(), "compiled"
-    try:
-        path = _executables / f"{program_key(label, static, args)}.bin"
-    except TypeError as err:
-        print(f"coerase: not caching the {label} executable ({err})")
+    path = _kept_path(label, static, args, ".bin")
+    if path is None:
         return jitted.lower(*args).compile(), "compiled"
     if path.is_file():
         try:
@@ -235,11 +253,8 @@ def compile_program(jitted, args, static, label: str):
 def remembered(label: str, static, compute) -> dict:
     """``compute()`` (a JSON-able dict), kept beside the executables under the same kind of key:
     figures that would need a program traced again (the bench's FLOP counts)."""
-    if _executables is None:
-        return compute()
-    try:
-        path = _executables / f"{program_key(label, static, ())}.json"
-    except TypeError:
+    path = _kept_path(label, static, (), ".json")
+    if path is None:
         return compute()
     if path.is_file():
         try:

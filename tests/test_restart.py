@@ -58,9 +58,8 @@ def test_a_resumed_erasure_compiles_nothing_with_a_warm_cache(tmp_path):
 @pytest.fixture
 def executables(tmp_path):
     folder = tmp_path / "executables"
-    compile_cache.enable_executables(folder)
-    yield folder
-    compile_cache.enable_executables(None)
+    with compile_cache.executables_in(folder):
+        yield folder
 
 
 def _program():

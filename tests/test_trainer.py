@@ -1,6 +1,5 @@
 """The erasure run: resume after SIGKILL / SIGTERM, clear errors, non-finite loss, effect on the tiny model."""
 
-import contextlib
 import json
 import shutil
 import os
@@ -76,15 +75,6 @@ def _final(run_dir, bundle):
 def _assert_same_params(a, b):
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-6)
-
-
-@contextlib.contextmanager
-def _executables_in(folder):
-    compile_cache.enable_executables(folder)
-    try:
-        yield
-    finally:
-        compile_cache.enable_executables(None)
 
 
 @pytest.fixture(scope="module")
@@ -310,7 +300,7 @@ def test_a_damaged_newest_checkpoint_resumes_from_the_one_before(uninterrupted, 
         _damage(checkpoints / "15")
         (copy / "stage_image" / "done.json").unlink()
         config = load_config(str(REPO / "configs" / "tiny.py"), _overrides(copy, image_dir))
-        with _executables_in(tmp_path / "executables"):
+        with compile_cache.executables_in(tmp_path / "executables"):
             params = run_erasure(config, tiny_bundle, progress=False, mesh=_one_device())
         out = capsys.readouterr().out
         assert "checkpoint 15 in" in out and "does not read" in out and "[image] resuming from step 10" in out

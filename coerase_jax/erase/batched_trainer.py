@@ -37,8 +37,8 @@ from coerase_jax.erase.batched import (batched_step, concept_batch_sharding, con
 from coerase_jax.erase.step import Batch, TrainState, build_step
 from coerase_jax.erase.trainer import (LaggedMetrics, MetricsLog, Preempted, _Preemption, cast_tree, check_run_dir,
                                        checkpoint_manager, encode_prompts, load_stage_trainable, optimizer_for,
-                                       plan_stages, program_config, reference_embeddings, restore_checkpoint,
-                                       sample_batch, save_checkpoint, stage_done, zt_plan)
+                                       plan_stages, reference_embeddings, restore_checkpoint, sample_batch,
+                                       save_checkpoint, stage_done, step_made_of, zt_plan)
 from coerase_jax.errors import UserError
 from coerase_jax.models.bundle import DTYPES, Bundle
 from coerase_jax.parallel import distributed
@@ -129,9 +129,8 @@ def train_stage_batched(stage, cfgs: list, bundle: Bundle, start_own: list[dict]
     if start_step:
         print(f"[{stage.name}] {count} runs side by side: resuming from step {start_step}")
     started = time.perf_counter()
-    made_of = ([program_config(c) for c in cfgs], stage, plan, bundle.unet,
-               bundle.image.proj if bundle.image else None, bundle.latent_shape)  # what the closures read
-    compiled, how = compile_cache.compile_program(jitted, (state, frozen_in, teacher, proj_params, example), made_of,
+    compiled, how = compile_cache.compile_program(jitted, (state, frozen_in, teacher, proj_params, example),
+                                                  step_made_of(cfgs, stage, plan, bundle),
                                                   f"step-{stage.name}-x{count}")
     print(f"[{stage.name}] {count} runs side by side: {how} the step in {time.perf_counter() - started:.1f}s")
 

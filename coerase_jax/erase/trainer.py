@@ -91,6 +91,12 @@ def program_config(config) -> dict:
     return {name: config[name] for name in ("model", "erase", "text_stage", "image_stage", "optim", "mesh")}
 
 
+def step_made_of(configs: list, stage: Stage, plan, bundle: Bundle) -> tuple:
+    """What the step's closures read besides its arguments: the key of its kept executable."""
+    return ([program_config(c) for c in configs], stage, plan, bundle.unet,
+            bundle.image.proj if bundle.image else None, bundle.latent_shape)
+
+
 def zt_plan(scheduler_config: dict, config):
     """How a step samples z_t: ``erase.ddim_steps`` steps of ``erase.zt_scheduler`` (ddim | ddpm)."""
     return NoiseSchedule.from_config(scheduler_config).plan(config.erase.ddim_steps, config.erase.zt_scheduler)
@@ -437,10 +443,8 @@ def train_stage(stage: Stage, config, bundle: Bundle, start_params: dict, teache
     example = put_batch(sample_batch(data, config.erase.seed, stage.index, 0, batch_size), mesh)
     jitted = jit_step(step_fn, mesh, abstract_state, frozen, teacher, proj_params, example)
     compile_start = time.perf_counter()
-    made_of = (program_config(config), stage, plan, bundle.unet, bundle.image.proj if bundle.image else None,
-               bundle.latent_shape)  # what step_fn's closures read
-    compiled, how = compile_cache.compile_program(jitted, (state, frozen, teacher, proj_params, example), made_of,
-                                                  f"step-{stage.name}")
+    compiled, how = compile_cache.compile_program(jitted, (state, frozen, teacher, proj_params, example),
+                                                  step_made_of([config], stage, plan, bundle), f"step-{stage.name}")
     print(f"[{stage.name}] {how} the step in {time.perf_counter() - compile_start:.1f}s "
           f"({sum(x.size for x in jax.tree_util.tree_leaves(trainable)):,} trainable parameters, "
           f"subset {stage.subset}{f', LoRA rank {stage.trainable.lora_rank}' if stage.trainable.lora_rank else ''})")
