@@ -5,6 +5,7 @@ The reference is the same erasure run in this process on 4 of its simulated devi
 same global mesh with one host.
 """
 
+import json
 import os
 import signal
 import socket
@@ -85,8 +86,6 @@ def one_host(tmp_path_factory, tiny_bundle):
 
 
 def _losses(run_dir) -> dict[int, float]:
-    import json
-
     lines = (Path(run_dir) / "stage_text" / "metrics.jsonl").read_text().splitlines()
     return {row["step"]: row["loss"] for row in map(json.loads, lines)}
 
@@ -170,7 +169,6 @@ def test_host_slices_cover_every_item_once():
 def test_eval_on_two_processes_matches_one_process(tmp_path):
     """Generation, judging, CLIP score, FID and the attack over 2 hosts (1 device each) give the
     same report and adversarial prompts as one process."""
-    import json
 
     run_dir = tmp_path / "run"
     erase = ["--config.text_stage.steps=2", "--config.image_stage.steps=2", "--config.data.num_references=4",
@@ -199,3 +197,56 @@ def test_eval_on_two_processes_matches_one_process(tmp_path):
     for name in ("text_only", "co_erasing"):
         assert (tmp_path / "one" / "attack" / f"{name}.csv").read_text() == \
             (tmp_path / "two" / "attack" / f"{name}.csv").read_text()
+
+
+# A sweep grid point's two concepts side by side, the mesh's concept axis spanning the two processes
+# (each process trains one concept on its 2 devices) vs one process whose 4 devices hold the same mesh.
+SIDE_STEPS = 3
+SIDE_BY_SIDE = ["--config.erase.stages=('text','image')", "--config.text_stage.subset=esd-x",
+                "--config.image_stage.subset=esd-x", f"--config.text_stage.steps={SIDE_STEPS}",
+                f"--config.image_stage.steps={SIDE_STEPS}", "--config.erase.ddim_steps=4", "--config.erase.batch_size=4",
+                "--config.optim.name=sgd", "--config.text_stage.learning_rate=0.5",
+                "--config.image_stage.learning_rate=0.5", "--config.data.num_references=4", "--config.log.every=1",
+                "--config.sweep.grid=(('text_stage.learning_rate',(0.5,)),)", "--config.sweep.report=False",
+                "--config.mesh.concept=2", "--config.mesh.data=2"]
+SIDE_CELLS = ("circle_learning_rate=0.5", "square_learning_rate=0.5")
+
+
+@pytest.mark.cross_program
+@pytest.mark.slow  # ~2 min: two 2-process sweeps' worth of compiles on 2 cores
+def test_side_by_side_over_two_processes_matches_one_process(tmp_path, tiny_bundle):
+    from coerase_jax.configuration import config_from_run
+    from coerase_jax.erase.sweep import run_sweep
+
+    config = load_config(str(REPO / "configs" / "sweep_tiny.py"), SIDE_BY_SIDE)
+    run_sweep(config, tiny_bundle, tmp_path / "one", progress=False,
+              mesh=make_mesh(dict(config.mesh), jax.devices()[:4]))
+
+    port = _free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "coerase_jax.cli", "sweep", "--config", str(REPO / "configs" / "sweep_tiny.py"),
+         "--out", str(tmp_path / "two"), *SIDE_BY_SIDE], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+             distributed.ENV_COORDINATOR: f"127.0.0.1:{port}", distributed.ENV_COUNT: "2", distributed.ENV_ID: str(i)})
+        for i in range(2)]
+    results = _finish(procs)
+    for code, text in results:
+        assert code == 0, text[-3000:]
+    assert "2 cells side by side" in results[0][1], results[0][1][-3000:]
+    assert "2 runs side by side" in results[1][1]  # process 1 trained the group too, not one after another
+
+    original = jax.tree_util.tree_leaves(tiny_bundle.unet_params)
+    roundings = 2 * SIDE_STEPS * erasure_step_roundings(TINY_UNET, ddim_steps=4, batch=4)
+    for cell in SIDE_CELLS:
+        one, two = (tmp_path / side / "cells" / cell for side in ("one", "two"))
+        got = jax.tree_util.tree_leaves(final_params(config_from_run(str(two)), tiny_bundle))
+        want = jax.tree_util.tree_leaves(final_params(config_from_run(str(one)), tiny_bundle))
+        moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(want, original))
+        assert moved > 1e-4, "nothing trained: the comparison would be empty"
+        assert_same_training(got, want, original, roundings)
+        for stage in ("text", "image"):
+            lines = lambda run: [json.loads(line) for line in
+                                 (run / f"stage_{stage}" / "metrics.jsonl").read_text().splitlines()]
+            assert [r["step"] for r in lines(two)] == list(range(1, SIDE_STEPS + 1))  # process 0 alone writes
+            assert_same_maths([r["loss"] for r in lines(two)], [r["loss"] for r in lines(one)], roundings)
+            assert json.loads((two / f"stage_{stage}" / "done.json").read_text())["trained_side_by_side_with"] == 2

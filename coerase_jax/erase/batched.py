@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from coerase_jax.errors import UserError
@@ -29,6 +30,16 @@ def stack(trees: list):
 
 def unstack(tree, count: int) -> list:
     return [jax.tree_util.tree_map(lambda leaf, k=k: leaf[k], tree) for k in range(count)]
+
+
+def to_global(tree, shardings):
+    """Host values, the same on every process -> global arrays laid out by ``shardings``; each
+    process fills only its own devices' shards (the concept axis may span hosts)."""
+    def put(leaf, sharding):
+        host = np.asarray(leaf)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree_util.tree_map(put, tree, shardings)
 
 
 def batched_step(step_fn, compose_teacher=None, compose_frozen=None):

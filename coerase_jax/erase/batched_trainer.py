@@ -12,8 +12,9 @@ sweep's skip logic treat each concept exactly like a run trained alone.
 
 Only small trainable parts are stacked: all stages ``esd-x`` / ``esd-x-strict`` (the same in each
 stage), or a LoRA (a later LoRA stage trains on top of each run's earlier LoRA, which is stacked
-beside the shared base and added in the step); anything else (and several hosts) runs one after
-another.
+beside the shared base and added in the step); anything else runs one after another. The concept
+axis may span hosts: every process prepares every concept's batch (cheap host work) and places only
+its own devices' shards.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from coerase_jax.configuration import to_json
 from coerase_jax.erase import lora as lora_lib
 from coerase_jax.erase import subsets
 from coerase_jax.erase.batched import (batched_step, concept_batch_sharding, concept_sharding, jit_batched_step,
-                                       stack, unstack)
+                                       stack, to_global, unstack)
 from coerase_jax.erase.step import Batch, TrainState, build_step
 from coerase_jax.erase.trainer import (LaggedMetrics, MetricsLog, Preempted, _Preemption, cast_tree, check_run_dir,
                                        checkpoint_manager, encode_prompts, load_stage_trainable, optimizer_for,
@@ -52,8 +53,6 @@ def why_not_batched(cfgs: list, mesh=None) -> str | None:
     """None when these runs can train side by side (on ``mesh``), else the reason they cannot."""
     if len(cfgs) < 2:
         return "a single run"
-    if jax.process_count() > 1:
-        return "several hosts (batched groups run on one host for now)"
     common = lambda c: {k: v for k, v in json.loads(to_json(c)).items() if k not in PER_RUN_KEYS}
     if any(common(c) != common(cfgs[0]) for c in cfgs[1:]):
         return "their settings differ"
@@ -70,8 +69,8 @@ def why_not_batched(cfgs: list, mesh=None) -> str | None:
 
 def _put_stacked(batches: list[Batch], mesh) -> Batch:
     """K host batches -> one (K, B, ...) batch: concepts over ``concept``, examples over data x fsdp."""
-    return jax.tree_util.tree_map(lambda leaf: jax.device_put(leaf, concept_batch_sharding(mesh, leaf.ndim)),
-                                  stack(batches))
+    stacked = jax.tree_util.tree_map(lambda *leaves: np.stack(leaves), *batches)
+    return to_global(stacked, jax.tree_util.tree_map(lambda leaf: concept_batch_sharding(mesh, leaf.ndim), stacked))
 
 
 def train_stage_batched(stage, cfgs: list, bundle: Bundle, start_own: list[dict], frozen: dict, datas: list,
@@ -112,9 +111,9 @@ def train_stage_batched(stage, cfgs: list, bundle: Bundle, start_own: list[dict]
                          bundle.latent_shape, None, compose=stage.trainable.compose)
     sample = lambda step: [sample_batch(d, c.erase.seed, stage.index, step, batch_size) for d, c in zip(datas, cfgs)]
     example = _put_stacked(sample(0), mesh)
-    shard = lambda tree: jax.device_put(tree, mesh_lib.tree_shardings(tree, mesh))
+    shard = lambda tree: to_global(tree, mesh_lib.tree_shardings(tree, mesh))
     on_concepts = lambda tree: jax.tree_util.tree_map(lambda leaf: concept_sharding(mesh, leaf.ndim), tree)
-    place = lambda tree, per_concept: ((jax.device_put(tree[0], on_concepts(tree[0])), shard(tree[1]))
+    place = lambda tree, per_concept: ((to_global(tree[0], on_concepts(tree[0])), shard(tree[1]))
                                        if per_concept else shard(tree))
     frozen_in, proj_params = place(frozen_in, compose_frozen is not None), shard(proj_params)
     teacher = place(teacher, compose_teacher is not None)
@@ -124,8 +123,8 @@ def train_stage_batched(stage, cfgs: list, bundle: Bundle, start_own: list[dict]
     state_sh = on_concepts(init)
     abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), init, state_sh)
     state = restore_checkpoint(manager, abstract)
-    state = jax.device_put(init, state_sh) if state is None else state
-    start_step = int(state.step[0])
+    state = to_global(init, state_sh) if state is None else state
+    start_step = int(distributed.fetch(state.step)[0])
     if start_step:
         print(f"[{stage.name}] {count} runs side by side: resuming from step {start_step}")
     started = time.perf_counter()

@@ -230,7 +230,7 @@ def checkpoint_manager(stage_dir: Path, config) -> ocp.CheckpointManager:
 
 
 def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, meta: dict) -> None:
-    step = int(np.ravel(jax.device_get(state.step))[0])  # (a stacked state has one step per concept, all equal)
+    step = int(np.ravel(distributed.fetch(state.step))[0])  # (a stacked state has one step per concept, all equal)
     if step in manager.all_steps():
         return
     manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -337,7 +337,7 @@ class LaggedMetrics:
         if self.pending is None:
             return
         (done, metrics), self.pending = self.pending, None
-        host = jax.device_get(metrics)
+        host = distributed.fetch(metrics)  # (a side-by-side group's metrics may be spread over hosts)
         now = time.perf_counter()
         seconds, self.last_read = now - self.last_read, now
         self.handle(done, host, seconds)
