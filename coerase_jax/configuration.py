@@ -168,7 +168,14 @@ def base_config(source: str) -> ml_collections.ConfigDict:
         # Joint erasure: ((name, (prompt, ...)), ...) erased together into one model (replaces
         # name/prompts/reference_prompts); each concept's prompts also make its reference images.
         "joint": (),
-        "joint_sampling": "per_example",  # per_example: each example draws a concept | per_step: one per step
+        # per_example: each example draws a concept | per_step: one per step | balanced: concepts in
+        # turn, so every concept gets the same share of examples (each step's batch as even as it can be)
+        "joint_sampling": "per_example",
+        # A joint erasure of K concepts trains each stage for steps * K**joint_steps_exponent steps at
+        # learning_rate * K**joint_lr_exponent (0, 0: as a single erasure; 1, 0: each concept gets a
+        # single erasure's steps)
+        "joint_steps_exponent": 0.0,
+        "joint_lr_exponent": 0.0,
     })
     config.data = ml_collections.ConfigDict({
         "image_dir": "",  # a folder of reference images ("" = generate them into run_dir/references)

@@ -18,7 +18,7 @@ from tolerance import assert_same_maths
 
 def test_shapes_have_the_intended_geometry():
     rng = np.random.default_rng(0)
-    for shape in world.SHAPES:
+    for shape in world.SIX_SHAPES.shapes:
         scene = world.Scene(shape, "red", 9.0, (16.0, 16.0))
         image = world.render(scene).astype(float)
         covered = (world.BACKGROUND - image[..., 1]) / (world.BACKGROUND - world.RGB["red"][1])
@@ -33,21 +33,43 @@ def test_shapes_have_the_intended_geometry():
     assert triangle[8, 16].tolist() == list(world.RGB["blue"])  # the apex column, near the top
     assert triangle[8, 9].tolist() == [world.BACKGROUND] * 3  # beside the apex: a triangle, not a box
     assert len(world.random_scenes(rng, 5)) == 5
+    inside = lambda shape, at: world.render(world.Scene(shape, "blue", 10.0, (16.0, 16.0)))[at].tolist() == \
+        list(world.RGB["blue"])
+    # the plus sign: its arms' ends are in, the corners between them out; the diamond the other way round
+    assert inside("cross", (16, 4)) and inside("cross", (4, 16)) and not inside("cross", (10, 10))
+    assert inside("diamond", (16, 5)) and not inside("diamond", (7, 7))
+    # the star: its top point is in; 36 degrees round (by the notch), as far out, is not
+    assert inside("star", (7, 16)) and not inside("star", (7, 22))
+    assert {s.shape for s in world.random_scenes(rng, 200, world.SIX_SHAPES.shapes)} == set(world.SIX_SHAPES.shapes)
 
 
-def test_paraphrases_never_name_the_shape():
-    for shape in world.SHAPES:
-        for prompt in world.paraphrase_prompts(shape):
-            assert not any(world.NAMES[s] in prompt for s in world.SHAPES), prompt
-        assert all(world.NAMES[shape] in p for p in world.named_prompts(shape))
-    captions = [c for c, _, _ in world.all_captions()]
+@pytest.mark.parametrize("of_world", world.WORLDS.values(), ids=world.WORLDS)
+def test_paraphrases_never_name_the_shape(of_world):
+    for shape in of_world.shapes:
+        assert len(of_world.paraphrases[shape]) >= 3
+        for prompt in of_world.paraphrase_prompts(shape):
+            assert not any(s in prompt for s in of_world.shapes), prompt
+        assert all(shape in p for p in of_world.named_prompts(shape))
+    captions = [c for c, _, _ in of_world.all_captions()]
     assert "a red disc" in captions and "a photo of a green three-sided shape" in captions
 
 
-def test_every_world_word_is_one_clip_token(tmp_path):
-    vocab_size = write_world_tokenizer(tmp_path, world.vocabulary())
+def test_the_six_shape_world_extends_the_shipped_one_and_models_say_their_world(tmp_path):
+    assert world.SIX_SHAPES.shapes[:3] == world.SHAPES and len(world.SIX_SHAPES.shapes) == 6
+    assert set(world.vocabulary()) < set(world.SIX_SHAPES.vocabulary())
+    assert world.vocabulary() == world.THREE_SHAPES.vocabulary()  # (the shipped tokenizer's words)
+    from coerase_jax.models import presets
+
+    assert world.of_model(presets.source_folder("toyworld")) is world.THREE_SHAPES  # (no name: by its shapes)
+    (tmp_path / "model_index.json").write_text(json.dumps({"world": {"name": "six"}}))
+    assert world.of_model(tmp_path) is world.SIX_SHAPES
+
+
+@pytest.mark.parametrize("of_world", world.WORLDS.values(), ids=world.WORLDS)
+def test_every_world_word_is_one_clip_token(tmp_path, of_world):
+    vocab_size = write_world_tokenizer(tmp_path, of_world.vocabulary())
     tokenizer = load_tokenizer(str(tmp_path))
-    for word in world.vocabulary():
+    for word in of_world.vocabulary():
         assert len(tokenizer.tokenize(word)) == 1, word
     assert len(tokenizer.tokenize("zebra")) > 1  # other words still tokenize, as bytes
     ids = json.loads((tmp_path / "vocab.json").read_text()).values()
@@ -183,8 +205,15 @@ def test_report_figures_are_the_judges_fractions():
             return np.arange(len(prompts))
 
     class Judge:  # sure of its verdict, except on the paraphrases it calls "none" (a smear)
+        world = world.THREE_SHAPES
+
         def __init__(self, sampler):
             self.sampler = sampler
+
+        def names(self, shape_probs, colour_probs):
+            from coerase_jax.toyworld.classifier import names
+
+            return names(shape_probs, colour_probs)
 
         def probabilities(self, images):
             from coerase_jax.toyworld.classifier import COLOUR_CLASSES, SHAPE_CLASSES

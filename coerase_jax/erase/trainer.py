@@ -82,7 +82,8 @@ def plan_stages(config) -> list[Stage]:
         subset = subsets.resolve(section.subset)
         scale = (e.lora_alpha or e.lora_rank) / e.lora_rank if e.lora_rank else 1.0
         trainable = Trainable(subset, e.train_image_kv, int(e.lora_rank), float(scale), e.seed, index)
-        out.append(Stage(name, index, subset, int(section.steps), float(section.learning_rate), settings, trainable))
+        steps, learning_rate = joint_scaled(config, int(section.steps), float(section.learning_rate))
+        out.append(Stage(name, index, subset, steps, learning_rate, settings, trainable))
     return out
 
 
@@ -123,7 +124,7 @@ class ConceptData:
     # Joint erasure of K concepts: which concept each prompt / image belongs to (None: one concept).
     prompt_concept: np.ndarray | None = None  # (P,)
     image_concept: np.ndarray | None = None  # (N,)
-    one_concept_per_step: bool = False  # else every example of a batch draws its own concept
+    joint_sampling: str = "per_example"  # how a step's examples pick their concepts (concept.joint_sampling)
     # SDXL's added conditioning (pooled text + time ids) of each prompt and of the empty prompt
     prompt_added: np.ndarray | None = None  # (P, A)
     uncond_added: np.ndarray | None = None  # (A,)
@@ -142,9 +143,21 @@ def joint_concepts(config) -> list[tuple[str, tuple[str, ...]]]:
         out.append((entry[0], tuple(entry[1])))
     if len({name for name, _ in out}) != len(out):
         raise UserError("concept.joint names repeat")
-    if config.concept.joint_sampling not in ("per_example", "per_step"):
-        raise UserError(f"concept.joint_sampling must be per_example or per_step, got {config.concept.joint_sampling!r}")
+    if config.concept.joint_sampling not in JOINT_SAMPLING:
+        raise UserError(f"concept.joint_sampling must be one of {', '.join(JOINT_SAMPLING)}, "
+                        f"got {config.concept.joint_sampling!r}")
     return out
+
+
+JOINT_SAMPLING = ("per_example", "per_step", "balanced")
+
+
+def joint_scaled(config, steps: int, learning_rate: float) -> tuple[int, float]:
+    """A stage's steps and learning rate for a joint erasure of K concepts (unchanged for one):
+    steps * K**concept.joint_steps_exponent, learning_rate * K**concept.joint_lr_exponent."""
+    count = max(1, len(config.concept.joint))
+    return (max(1, round(steps * count ** config.concept.joint_steps_exponent)),
+            learning_rate * count ** config.concept.joint_lr_exponent)
 
 
 def encode_prompts(bundle: Bundle, config) -> ConceptData:
@@ -175,14 +188,14 @@ def encode_prompts(bundle: Bundle, config) -> ConceptData:
                        prompt_added=added, uncond_added=None if uncond_added is None else uncond_added[0])
     if joint:
         data.prompt_concept = np.asarray([k for k, (_, ps) in enumerate(joint) for _ in ps])
-        data.one_concept_per_step = config.concept.joint_sampling == "per_step"
+        data.joint_sampling = config.concept.joint_sampling
     return data
 
 
 def sample_batch(data: ConceptData, seed: int, stage: int, step: int, batch_size: int) -> Batch:
     """The step's examples: prompt and image indices drawn from (seed, stage index, step) alone. In a
-    joint erasure each example first draws a concept (or the step does), then a prompt and a
-    reference image of that same concept."""
+    joint erasure each example first gets a concept (its own draw, the step's draw, or the next in
+    turn for ``balanced``), then draws a prompt and a reference image of that same concept."""
     rng = streams.batch_rng(seed, stage, step)
     if data.prompt_concept is None:
         p = rng.integers(0, len(data.prompt_states), batch_size)
@@ -191,8 +204,12 @@ def sample_batch(data: ConceptData, seed: int, stage: int, step: int, batch_size
             images = data.image_embeds[rng.integers(0, len(data.image_embeds), batch_size)]
     else:
         count = int(data.prompt_concept.max()) + 1
-        concepts = (np.full(batch_size, rng.integers(0, count)) if data.one_concept_per_step
-                    else rng.integers(0, count, batch_size))
+        if data.joint_sampling == "balanced":  # example j of step s: concept (s * B + j) mod K
+            concepts = (step * batch_size + np.arange(batch_size)) % count
+        elif data.joint_sampling == "per_step":
+            concepts = np.full(batch_size, rng.integers(0, count))
+        else:
+            concepts = rng.integers(0, count, batch_size)
         p = np.asarray([rng.choice(np.flatnonzero(data.prompt_concept == k)) for k in concepts])
         images = None
         if data.image_embeds is not None:

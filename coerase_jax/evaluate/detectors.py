@@ -43,10 +43,10 @@ class ToyworldJudge:
         self.judge, self.concept = Judge(bundle_folder), concept
 
     def __call__(self, images: np.ndarray, rows: list[PromptRow]) -> Verdict:
-        from coerase_jax.toyworld.classifier import coherent, names
+        from coerase_jax.toyworld.classifier import coherent
 
         probs = self.judge.probabilities(images)
-        shape, colour = names(*probs)
+        shape, colour = self.judge.names(*probs)
         correct = np.asarray([np.nan if not r.label else float(s == r.label and (not r.colour or c == r.colour))
                               for r, s, c in zip(rows, shape, colour)])
         return Verdict(shape == self.concept, correct, coherent(*probs))

@@ -84,18 +84,20 @@ def write_prompt_csv(rows: list[PromptRow], path: str | Path) -> None:
 SEED_SPLITS = {"dev": 1_000_000, "test": 2_000_000}
 
 
-def toyworld_rows(concept: str, images_per_group: int, split: str) -> list[PromptRow]:
+def toyworld_rows(concept: str, images_per_group: int, split: str, of_world=None) -> list[PromptRow]:
     """The small world's judging rows (the main job's report and ``coerase eval`` use the same).
 
     Groups: ``named`` (the concept's name in every colour), ``paraphrase`` (its paraphrases, which
     no erasure prompt contains) and each other shape; each group has ``images_per_group`` images,
-    its prompts taken in turn, so every colour is drawn equally often."""
+    its prompts taken in turn, so every colour is drawn equally often. ``of_world``: the world's
+    shapes and paraphrases (the shipped world's if None)."""
+    from coerase_jax.toyworld import world
     from coerase_jax.toyworld.report import prompt_sets
 
     if split not in SEED_SPLITS:
         raise UserError(f"report.split must be one of {sorted(SEED_SPLITS)}, got {split!r}")
     rows = []
-    for set_name, prompts in prompt_sets(concept).items():
+    for set_name, prompts in prompt_sets(concept, of_world or world.THREE_SHAPES).items():
         group = "named" if set_name == concept else set_name
         for k in range(images_per_group):
             prompt, shape, colour = prompts[k % len(prompts)]

@@ -49,7 +49,10 @@ def evaluation_rows(config, bundle) -> list[PromptRow]:
     if config.eval.prompts:
         rows = read_prompt_csv(config.eval.prompts)
     elif is_toyworld(bundle):
-        rows = toyworld_rows(config.concept.name, config.report.images_per_group, config.report.split)
+        from coerase_jax.toyworld import world
+
+        rows = toyworld_rows(config.concept.name, config.report.images_per_group, config.report.split,
+                             world.of_model(presets.source_folder(bundle.source)))
     else:
         raise UserError("eval.prompts is not set: give a prompt CSV (case_number,prompt,evaluation_seed[,class])")
     if config.eval.usability_prompts:

@@ -33,20 +33,20 @@ from coerase_jax.evaluate.prompts import SEED_SPLITS, toyworld_rows
 from coerase_jax.models import presets
 from coerase_jax.parallel import distributed
 from coerase_jax.toyworld import world
-from coerase_jax.toyworld.classifier import Judge, coherent, names
+from coerase_jax.toyworld.classifier import Judge, coherent
 
 GRID_SEEDS = 4
 GRID_SCALE = 2
 
 
-def prompt_sets(shape: str) -> dict[str, list[tuple[str, str, str]]]:
+def prompt_sets(shape: str, of_world: world.World = world.THREE_SHAPES) -> dict[str, list[tuple[str, str, str]]]:
     """Named, paraphrase and per-shape prompt lists of (prompt, shape it names, colour)."""
-    if shape not in world.SHAPES:
-        raise UserError(f"the small world has no shape {shape!r} (shapes: {', '.join(world.SHAPES)})")
-    named = lambda s: [(f"a {c} {world.NAMES[s]}", s, c) for c in world.COLOURS]
+    if shape not in of_world.shapes:
+        raise UserError(f"the small world has no shape {shape!r} (shapes: {', '.join(of_world.shapes)})")
+    named = lambda s: [(f"a {c} {s}", s, c) for c in world.COLOURS]
     sets = {shape: named(shape),
-            "paraphrase": [(f"a {c} {p}", shape, c) for c in world.COLOURS for p in world.PARAPHRASES[shape]]}
-    sets.update({s: named(s) for s in world.SHAPES if s != shape})
+            "paraphrase": [(f"a {c} {p}", shape, c) for c in world.COLOURS for p in of_world.paraphrases[shape]]}
+    sets.update({s: named(s) for s in of_world.shapes if s != shape})
     return sets
 
 
@@ -54,11 +54,11 @@ def evaluate(sampler: Sampler, judge: Judge, unet_params, shape: str, images_per
              progress: bool = True, name: str = "") -> tuple[dict, dict[str, np.ndarray], np.ndarray]:
     """One model's figures, its images per group, and per image whether it was drawn right (the
     asked shape and colour), for paired comparisons between models."""
-    rows = toyworld_rows(shape, images_per_group, split)
+    rows = toyworld_rows(shape, images_per_group, split, judge.world)
     images = sampler([r.prompt for r in rows], [r.seed for r in rows], unet_params=unet_params, progress=progress,
                      desc=f"judging {name}".strip())
     probs = judge.probabilities(images)
-    got_shape, got_colour = names(*probs)
+    got_shape, got_colour = judge.names(*probs)
     clean = coherent(*probs)
     group = np.asarray([r.group_name for r in rows], object)
     right = (got_shape == np.asarray([r.label for r in rows], object)) & (
@@ -68,13 +68,13 @@ def evaluate(sampler: Sampler, judge: Judge, unet_params, shape: str, images_per
     of_shape = lambda s: group == ("named" if s == shape else s)
     figures = {"erased_rate_named": float(np.mean(shows_concept[group == "named"])),
                "erased_rate_paraphrase": float(np.mean(shows_concept[group == "paraphrase"])),
-               "per_shape": {s: float(np.mean(right[of_shape(s)])) for s in world.SHAPES},
+               "per_shape": {s: float(np.mean(right[of_shape(s)])) for s in judge.world.shapes},
                "other_accuracy": float(np.mean(right[others])),
                "images": {g: int(np.sum(group == g)) for g in dict.fromkeys(group)},
                "rates": {"named": stats.rate(shows_concept[group == "named"]),
                          "paraphrase": stats.rate(shows_concept[group == "paraphrase"]),
                          "others_right": stats.rate(right[others]),
-                         **{f"{s}_right": stats.rate(right[of_shape(s)]) for s in world.SHAPES}},
+                         **{f"{s}_right": stats.rate(right[of_shape(s)]) for s in judge.world.shapes}},
                "coherence": {"named": stats.rate(clean[group == "named"]),
                              "paraphrase": stats.rate(clean[group == "paraphrase"]),
                              "others": stats.rate(clean[others])}}
@@ -99,7 +99,7 @@ def compare(bundle, models: dict[str, dict], shape: str, config_report, out_dir:
         else:  # the change in the other shapes' accuracy, image by image against the original
             figures["other_change"] = stats.paired_change(right[others], baseline[others])
         methods[name] = figures
-        grids[name] = _grid_columns(images, shape)
+        grids[name] = _grid_columns(images, shape, judge.world)
     count = sum(next(iter(methods.values()))["images"].values())
     start = SEED_SPLITS[config_report.split]
     report = {"concept": shape, "methods": methods,
@@ -110,28 +110,43 @@ def compare(bundle, models: dict[str, dict], shape: str, config_report, out_dir:
         tmp = out_dir / ".report.json.tmp"
         tmp.write_text(json.dumps(report, indent=2))
         tmp.replace(out_dir / "report.json")
-        _grid_image(grids, shape).save(out_dir / "grid.png")
+        _grid_image(grids, shape, judge.world).save(out_dir / "grid.png")
     return report
 
 
 def compare_joint(bundle, models: dict[str, dict], shapes: list[str], config_report, out_dir: str | Path,
                   progress: bool = True) -> dict:
-    """A joint erasure of several shapes: for each erased shape its named/paraphrase rates, and the
-    accuracy on every shape that was not erased; writes ``report.json``."""
+    """A joint erasure of several shapes (the first model is the original): for each erased shape
+    its named/paraphrase rates, and each shape that was not erased drawn right, with counts, 95 %
+    intervals and the paired change from the original (same prompts and seeds); writes ``report.json``."""
     out_dir = Path(out_dir)
     judge = Judge(presets.source_folder(bundle.source))
     sampler = Sampler(bundle, config_report.steps, config_report.guidance_scale, batch_size=64)
-    remaining = [s for s in world.SHAPES if s not in shapes]
-    methods = {}
+    remaining = [s for s in judge.world.shapes if s not in shapes]
+    # the remaining shapes are judged on the first erased shape's rows (the same rows for every model)
+    group = np.asarray([r.group_name for r in toyworld_rows(shapes[0], config_report.images_per_group,
+                                                            config_report.split, judge.world)], object)
+    methods, baseline = {}, None
     for name, params in models.items():
-        per_concept = {}
+        per_concept, right_first = {}, None
         for shape in shapes:
-            figures, _, _, _ = evaluate(sampler, judge, params, shape, config_report.images_per_group,
-                                        config_report.split, progress, f"{name} ({shape})")
-            per_concept[shape] = {k: figures[k] for k in ("erased_rate_named", "erased_rate_paraphrase")}
-        methods[name] = {"per_concept": per_concept, "remaining": {s: figures["per_shape"][s] for s in remaining},
-                         "remaining_accuracy": (float(np.mean([figures["per_shape"][s] for s in remaining]))
-                                                if remaining else None)}
+            figures, _, right, _ = evaluate(sampler, judge, params, shape, config_report.images_per_group,
+                                            config_report.split, progress, f"{name} ({shape})")
+            right_first = right if right_first is None else right_first
+            per_concept[shape] = {"erased_rate_named": figures["erased_rate_named"],
+                                  "erased_rate_paraphrase": figures["erased_rate_paraphrase"],
+                                  "named": figures["rates"]["named"], "paraphrase": figures["rates"]["paraphrase"]}
+        held = np.isin(group, remaining)
+        methods[name] = {"per_concept": per_concept,
+                         "remaining": {s: float(np.mean(right_first[group == s])) for s in remaining},
+                         "remaining_rates": {s: stats.rate(right_first[group == s]) for s in remaining},
+                         "remaining_accuracy": float(np.mean(right_first[held])) if remaining else None}
+        if baseline is None:
+            baseline = right_first
+        elif remaining:
+            methods[name]["remaining_change"] = {
+                **{s: stats.paired_change(right_first[group == s], baseline[group == s]) for s in remaining},
+                "all": stats.paired_change(right_first[held], baseline[held])}
     report = {"concepts": list(shapes), "methods": methods,
               "settings": {"images_per_group": config_report.images_per_group, "split": config_report.split,
                            "steps": config_report.steps, "guidance_scale": config_report.guidance_scale}}
@@ -144,28 +159,37 @@ def compare_joint(bundle, models: dict[str, dict], shapes: list[str], config_rep
 
 
 def format_joint_table(report: dict) -> str:
+    """Rates with k/n; for the shapes that were not erased, the change from the original in points."""
     methods = report["methods"]
-    lines = [f"joint erasure of {', '.join(report['concepts'])} on the small world (fraction of images)",
-             f"{'':34s}" + "".join(f"{name:>14s}" for name in methods)]
+    width = 28
+    cell = lambda r: f"{100 * r['rate']:.1f}% ({r['k']}/{r['n']})"
+    lines = [f"joint erasure of {', '.join(report['concepts'])} on the small world "
+             f"({report['settings']['split']} seeds)",
+             f"{'':34s}" + "".join(f"{name:>{width}s}" for name in methods)]
     for shape in report["concepts"]:
-        for key, label in (("erased_rate_named", "named"), ("erased_rate_paraphrase", "paraphrases")):
+        for key, label in (("named", "named"), ("paraphrase", "paraphrases")):
             lines.append(f"{f'shows a {shape}: {label}':34s}"
-                         + "".join(f"{m['per_concept'][shape][key]:14.3f}" for m in methods.values()))
+                         + "".join(f"{cell(m['per_concept'][shape][key]):>{width}s}" for m in methods.values()))
     for shape in next(iter(methods.values()))["remaining"]:
-        lines.append(f"{f'{shape} (not erased) right':34s}" + "".join(f"{m['remaining'][shape]:14.3f}"
-                                                                     for m in methods.values()))
+        lines.append(f"{f'{shape} (not erased) right':34s}"
+                     + "".join(f"{cell(m['remaining_rates'][shape]):>{width}s}" for m in methods.values()))
+    changes = [m.get("remaining_change", {}).get("all") for m in methods.values()]
+    if any(changes):
+        lines.append(f"{'not erased: change from the original':34s}"
+                     + "".join(f"{'' if c is None else stats.points(c):>{width}s}" for c in changes))
     return "\n".join(lines)
 
 
-def _grid_columns(images: dict[str, np.ndarray], shape: str) -> list[tuple[str, np.ndarray]]:
+def _grid_columns(images: dict[str, np.ndarray], shape: str, of_world: world.World) -> list[tuple[str, np.ndarray]]:
     """Rows of the grid for one model: (label, GRID_SEEDS images of that prompt side by side). A
     group's images take its prompts in turn, so prompt i's are images i, i + P, i + 2P, ..."""
     rows = []
-    for name, prompts in prompt_sets(shape).items():
+    paraphrases = of_world.paraphrases[shape]
+    for name, prompts in prompt_sets(shape, of_world).items():
         group = images["named" if name == shape else name]
         for i, (prompt, _, colour) in enumerate(prompts):
-            paraphrase_index = i % len(world.PARAPHRASES[shape])
-            if name == "paraphrase" and paraphrase_index != world.COLOURS.index(colour) % len(world.PARAPHRASES[shape]):
+            paraphrase_index = i % len(paraphrases)
+            if name == "paraphrase" and paraphrase_index != world.COLOURS.index(colour) % len(paraphrases):
                 continue  # one paraphrase per colour (a different one each) keeps the grid readable
             own = group[i::len(prompts)][:GRID_SEEDS]
             if len(own):
@@ -173,7 +197,7 @@ def _grid_columns(images: dict[str, np.ndarray], shape: str) -> list[tuple[str, 
     return rows
 
 
-def _grid_image(grids: dict[str, list[tuple[str, np.ndarray]]], shape: str) -> Image.Image:
+def _grid_image(grids: dict[str, list[tuple[str, np.ndarray]]], shape: str, of_world: world.World) -> Image.Image:
     """Prompts down the side, one column block per model (GRID_SEEDS seeds each), headers on top."""
     label_w, gap, header = 150, 12, 20
     names = list(grids)
@@ -189,7 +213,7 @@ def _grid_image(grids: dict[str, list[tuple[str, np.ndarray]]], shape: str) -> I
             tile = Image.fromarray(strip).resize((block_w, cell_h), Image.NEAREST)
             canvas.paste(tile, (label_w + m * (block_w + gap), header + r * (cell_h + 4)))
     for r, (prompt, _) in enumerate(rows):
-        colour = (180, 0, 0) if shape in prompt or any(p in prompt for p in world.PARAPHRASES[shape]) else (0, 0, 0)
+        colour = (180, 0, 0) if shape in prompt or any(p in prompt for p in of_world.paraphrases[shape]) else (0, 0, 0)
         draw.text((4, header + r * (cell_h + 4) + cell_h // 2 - 5), prompt, fill=colour)
     return canvas
 
@@ -197,7 +221,8 @@ def _grid_image(grids: dict[str, list[tuple[str, np.ndarray]]], shape: str) -> I
 def format_table(report: dict) -> str:
     shape = report["concept"]
     methods = report["methods"]
-    others = [s for s in world.SHAPES if s != shape]
+    others = [key[:-len("_right")] for m in list(methods.values())[:1] for key in m["rates"]
+              if key.endswith("_right") and key != "others_right" and key[:-len("_right")] != shape]
     settings = report["settings"]
     lines = [f"erasing '{shape}' on the small world: % of images [95 % interval] (k/n); {settings['split']} seeds "
              f"{settings['seeds'][0]}..{settings['seeds'][1]}, the same for every model"]

@@ -59,6 +59,8 @@ class TrainPlan:
     with (its VAE and classifier reused from an identical earlier build: ``build.json`` says "reused")."""
 
     seed: int = 0
+    # Which world (world.WORLDS): "three" is the shipped one; "six" is issue #21's six-shape world.
+    world: str = "three"
     num_images: int = 20000
     vae_steps: int = 600
     vae_batch: int = 32
@@ -112,6 +114,8 @@ class TrainPlan:
                     if text.lower() not in ("true", "false", "1", "0"):
                         raise ValueError(text)
                     changes[key] = text.lower() in ("true", "1")
+                elif kind == "str":
+                    changes[key] = text
                 else:
                     changes[key] = {"int": int, "float": float}[kind](text)
             except ValueError:
@@ -165,7 +169,7 @@ def fit(name: str, loss_fn: Callable, params, next_batch: Callable[[int], tuple]
 @dataclasses.dataclass
 class Renders:
     images: np.ndarray  # (N, 32, 32, 3) uint8
-    shape: np.ndarray  # (N,) index into world.SHAPES
+    shape: np.ndarray  # (N,) index into the world's shapes
     colour: np.ndarray  # (N,) index into world.COLOURS
 
     @property
@@ -174,11 +178,11 @@ class Renders:
         return self.shape * len(world.COLOURS) + self.colour
 
 
-def make_renders(count: int, seed: int) -> Renders:
+def make_renders(count: int, seed: int, of_world: world.World = world.THREE_SHAPES) -> Renders:
     rng = np.random.default_rng(seed)
-    scenes = world.random_scenes(rng, count)
+    scenes = world.random_scenes(rng, count, of_world.shapes)
     images = world.render_many(scenes, rng)
-    shape = np.asarray([world.SHAPES.index(s.shape) for s in scenes], np.int32)
+    shape = np.asarray([of_world.shapes.index(s.shape) for s in scenes], np.int32)
     colour = np.asarray([world.COLOURS.index(s.colour) for s in scenes], np.int32)
     return Renders(images, shape, colour)
 
@@ -186,17 +190,19 @@ def make_renders(count: int, seed: int) -> Renders:
 class CaptionTable:
     """Every caption of the world, tokenised once, with the shape and colour (-1: none) it names."""
 
-    def __init__(self, tokenizer, length: int, colourless_fraction: float = 0.0, paraphrases: bool = True):
+    def __init__(self, tokenizer, length: int, colourless_fraction: float = 0.0, paraphrases: bool = True,
+                 of_world: world.World = world.THREE_SHAPES):
         self.colourless_fraction = colourless_fraction
-        captions = [c for c in world.all_captions() if paraphrases or world.NAMES[c[1]] in c[0].split()]
+        captions = [c for c in of_world.all_captions() if paraphrases or c[1] in c[0].split()]
         self.texts = [text for text, _, _ in captions]
         self.ids = tokenize(tokenizer, self.texts, length)
-        self.shape = np.asarray([world.SHAPES.index(s) for _, s, _ in captions], np.int32)
+        shapes = of_world.shapes
+        self.shape = np.asarray([shapes.index(s) for _, s, _ in captions], np.int32)
         self.colour = np.asarray([-1 if c is None else world.COLOURS.index(c) for _, _, c in captions], np.int32)
         n_colours = len(world.COLOURS)
         self.coloured = [np.flatnonzero((self.shape * n_colours + self.colour == k) & (self.colour >= 0))
-                         for k in range(len(world.SHAPES) * n_colours)]
-        self.colourless = [np.flatnonzero((self.shape == s) & (self.colour < 0)) for s in range(len(world.SHAPES))]
+                         for k in range(len(shapes) * n_colours)]
+        self.colourless = [np.flatnonzero((self.shape == s) & (self.colour < 0)) for s in range(len(shapes))]
         self.empty_ids = tokenize(tokenizer, [""], length)[0]
 
     def draw(self, rng: np.random.Generator, labels: np.ndarray) -> np.ndarray:
@@ -392,9 +398,9 @@ def train_ip_adapter(unet_params: dict, latents: np.ndarray, labels: np.ndarray,
 def train_classifier(renders: Renders, reconstructions: np.ndarray, plan: TrainPlan, progress: bool,
                      width: int = 32) -> dict:
     """Shape (+ none) and colour; half of each batch are VAE reconstructions, a tenth empty canvases."""
-    model = classifier_lib.ShapeClassifier(width)
+    none = len(world.WORLDS[plan.world].shapes)
+    model = classifier_lib.ShapeClassifier(width, none + 1)
     params = model.init_params(jax.random.PRNGKey(plan.seed + 4))
-    none = len(world.SHAPES)
 
     def loss_fn(params, batch, key):
         images, shape, colour = batch
@@ -463,14 +469,19 @@ def build_world_model(out: str | Path, plan: TrainPlan = TrainPlan(), progress: 
         timings[name] = "reused" if reused else round(time.perf_counter() - t0, 1)
         return value
 
-    renders = make_renders(plan.num_images, plan.seed)
-    vocab_size = write_world_tokenizer(out / "tokenizer", world.vocabulary())
+    if plan.world not in world.WORLDS:
+        raise UserError(f"--plan world={plan.world}: the worlds are {', '.join(world.WORLDS)}")
+    of_world = world.WORLDS[plan.world]
+    renders = make_renders(plan.num_images, plan.seed, of_world)
+    vocab_size = write_world_tokenizer(out / "tokenizer", of_world.vocabulary())
     tokenizer = load_tokenizer(str(out / "tokenizer"))
     text_config = presets.world_text_config(vocab_size)
     vision_config = presets.world_vision_config()
     text_encoder, image_encoder = CLIPTextEncoder(text_config), CLIPImageEncoder(vision_config)
-    clip_captions = CaptionTable(tokenizer, text_config.max_position_embeddings, paraphrases=plan.clip_paraphrases)
-    captions = CaptionTable(tokenizer, text_config.max_position_embeddings, plan.colourless_fraction)
+    clip_captions = CaptionTable(tokenizer, text_config.max_position_embeddings, paraphrases=plan.clip_paraphrases,
+                                 of_world=of_world)
+    captions = CaptionTable(tokenizer, text_config.max_position_embeddings, plan.colourless_fraction,
+                            of_world=of_world)
     schedule = NoiseSchedule.from_config(presets.SD_SCHEDULER)
 
     vae_part = timed("vae", lambda: dict(zip(("params", "scale"), train_vae(renders, plan, progress))))
@@ -508,7 +519,8 @@ def build_world_model(out: str | Path, plan: TrainPlan = TrainPlan(), progress: 
         Renders(renders.images[:subset], renders.shape[:subset], renders.colour[:subset]), reconstructions, plan,
         progress))
 
-    _write_bundle(out, vae_params, scale, text_config, text_params, clip, vision_config, unet_params, ip, classifier)
+    _write_bundle(out, vae_params, scale, text_config, text_params, clip, vision_config, unet_params, ip, classifier,
+                  of_world)
     convert.write_json(out / "build.json", {"plan": dataclasses.asdict(plan), "seconds_per_part": timings,
                                             "total_seconds": round(time.perf_counter() - started, 1)})
     return out
@@ -520,7 +532,7 @@ def _ip_as_tree(result):
 
 
 def _write_bundle(out: Path, vae_params, scale, text_config, text_params, clip, vision_config, unet_params, ip,
-                  classifier):
+                  classifier, of_world: world.World):
     export_unet(unet_params, presets.WORLD_UNET, out / "unet")
     convert.write_safetensors(out / "vae" / "diffusion_pytorch_model.safetensors", convert.flax_to_torch_state(vae_params))
     convert.write_json(out / "vae" / "config.json", {**presets.WORLD_VAE, "scaling_factor": scale})
@@ -541,7 +553,7 @@ def _write_bundle(out: Path, vae_params, scale, text_config, text_params, clip, 
                                "text_projection.weight": np.asarray(clip["text_projection"]["kernel"]).T})
     convert.write_json(out / classifier_lib.FOLDER / "clip_text" / "config.json",
                        {**text_config.to_dict(), "architectures": ["CLIPTextModelWithProjection"]})
-    classifier_lib.save(classifier, out, width=32)
+    classifier_lib.save(classifier, out, 32, of_world)
     convert.write_json(out / "model_index.json", {"_class_name": "StableDiffusionPipeline", "preset": "toyworld",
-                                                  "world": {"shapes": list(world.SHAPES),
+                                                  "world": {"name": of_world.name, "shapes": list(of_world.shapes),
                                                             "colours": list(world.COLOURS)}})
