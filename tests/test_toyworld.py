@@ -195,6 +195,24 @@ def test_build_chain_writes_a_loadable_bundle_and_resumes_finished_parts(tmp_pat
         build_world_model(out, TrainPlan(unet_steps=4), progress=False)
 
 
+@pytest.mark.slow  # ~75 s: the chain again, for the six-shape world
+def test_a_six_shape_build_says_its_world_and_its_judge_knows_six_shapes(tmp_path):
+    import dataclasses
+
+    from coerase_jax.evaluate.prompts import toyworld_rows
+    from coerase_jax.toyworld.classifier import Judge
+    from coerase_jax.toyworld.train import TrainPlan, build_world_model
+
+    out = build_world_model(tmp_path / "six", dataclasses.replace(TrainPlan.quick(), world="six"), progress=False)
+    judge = Judge(out)
+    assert judge.world is world.SIX_SHAPES and judge.shape_classes[-1] == "none" and len(judge.shape_classes) == 7
+    assert judge.probabilities(np.zeros((2, 32, 32, 3), np.uint8))[0].shape == (2, 7)
+    groups = {r.group_name for r in toyworld_rows("star", 4, "dev", judge.world)}
+    assert groups == {"named", "paraphrase", "circle", "square", "triangle", "cross", "diamond"}
+    with pytest.raises(UserError, match="the worlds are three, six"):
+        build_world_model(tmp_path / "other", dataclasses.replace(TrainPlan.quick(), world="seven"), progress=False)
+
+
 def test_report_figures_are_the_judges_fractions():
     """evaluate() with a scripted sampler and judge: each figure is the hand-counted fraction."""
     from coerase_jax.toyworld import report

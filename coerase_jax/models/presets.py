@@ -34,9 +34,12 @@ from coerase_jax.models.unet import UNet, UNetConfig, cross_attention_paths, spl
 
 # Random-weight presets by the architecture family they copy.
 TINY_FAMILIES = {"tiny": "sd1", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}
-PRESETS = (*TINY_FAMILIES, "toyworld")
-# The trained small world ships inside the package (built by ``coerase toyworld train``).
+# The trained small worlds ship inside the package (built by ``coerase toyworld train``): the
+# three-shape world everything defaults to, and issue #21's six-shape world (``--plan world=six``).
 TOYWORLD_DIR = Path(__file__).resolve().parent.parent / "toyworld" / "model"
+SHIPPED_WORLDS = {"toyworld": (TOYWORLD_DIR, ""),
+                  "toyworld-six": (TOYWORLD_DIR.with_name("six"), " --plan world=six")}
+PRESETS = (*TINY_FAMILIES, *SHIPPED_WORLDS)
 _FORMAT_VERSION = "1"  # bump when the tiny preset's contents change, so caches are rebuilt
 
 SD_SCHEDULER = {
@@ -288,11 +291,12 @@ def source_folder(source: str) -> Path:
 def materialise(name: str, seed: int = 0) -> Path:
     """The preset's folder: the shipped small world, or (``tiny``, ``tiny-sd2``, ``tiny-sdxl``) a
     cache folder written first if absent (atomically: temp dir + rename)."""
-    if name == "toyworld":
-        if not (TOYWORLD_DIR / "model_index.json").is_file():
-            raise UserError(f"the small world's model is missing from {TOYWORLD_DIR} (rebuild it with "
-                            f"`coerase toyworld train --out {TOYWORLD_DIR}`)")
-        return TOYWORLD_DIR
+    if name in SHIPPED_WORLDS:
+        folder, plan = SHIPPED_WORLDS[name]
+        if not (folder / "model_index.json").is_file():
+            raise UserError(f"the small world's model is missing from {folder} (rebuild it with "
+                            f"`coerase toyworld train --out {folder}{plan}`)")
+        return folder
     tag = hashlib.sha1(f"{name}-{seed}-{_FORMAT_VERSION}".encode()).hexdigest()[:10]
     target = cache_root() / f"{name}-{tag}"
     if target.is_dir():

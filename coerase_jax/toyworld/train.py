@@ -457,6 +457,8 @@ class Parts:
 
 def build_world_model(out: str | Path, plan: TrainPlan = TrainPlan(), progress: bool = True) -> Path:
     """Trains every part (resuming finished ones) and writes the diffusers-layout folder ``out``."""
+    if plan.world not in world.WORLDS:
+        raise UserError(f"--plan world={plan.world}: the worlds are {', '.join(world.WORLDS)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     parts = Parts(out, plan)
@@ -469,8 +471,6 @@ def build_world_model(out: str | Path, plan: TrainPlan = TrainPlan(), progress: 
         timings[name] = "reused" if reused else round(time.perf_counter() - t0, 1)
         return value
 
-    if plan.world not in world.WORLDS:
-        raise UserError(f"--plan world={plan.world}: the worlds are {', '.join(world.WORLDS)}")
     of_world = world.WORLDS[plan.world]
     renders = make_renders(plan.num_images, plan.seed, of_world)
     vocab_size = write_world_tokenizer(out / "tokenizer", of_world.vocabulary())
