@@ -68,6 +68,8 @@ def test_a_killed_sweep_resumes_without_redoing_finished_cells(tiny_bundle, tmp_
     table = list(csv.DictReader(open(tmp_path / "sweep.csv")))
     assert [row["text_stage.learning_rate"] for row in table] == ["0.0001", "0.0001"]
     assert (tmp_path / "sweep.md").read_text().startswith("| cell | concept | text_stage.learning_rate | loss_text |")
+    timing = json.loads((tmp_path / "timing.json").read_text())  # this invocation trained square alone
+    assert (timing["cells_trained"], timing["cells_side_by_side"]) == (1, 0) and timing["train_seconds"] > 0
 
 
 # lora-both (~70 s) is slow for the default run's time budget (~17 min of 20 on 2 cores); "text" keeps the check there
@@ -109,6 +111,9 @@ def test_a_grid_points_concepts_side_by_side_equal_separate_runs(tiny_bundle, tm
     with config.unlocked():
         config.sweep.batch_concepts = False
     run_sweep(config, tiny_bundle, tmp_path / "apart", progress=False, mesh=mesh)
+    for mode, side_by_side in (("together", 2), ("apart", 0)):
+        timing = json.loads((tmp_path / mode / "timing.json").read_text())
+        assert (timing["cells_trained"], timing["cells_side_by_side"]) == (2, side_by_side)
 
     original = jax.tree_util.tree_leaves(tiny_bundle.unet_params)
     for cell in ("circle_learning_rate=0.5", "square_learning_rate=0.5"):

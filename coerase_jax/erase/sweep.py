@@ -8,7 +8,8 @@ config key, values); every combination is a cell, an ordinary erasure run in
 all finished is skipped, and an interrupted one resumes from its checkpoints, so rerunning the
 command after a kill redoes nothing that was done. After each cell ``out/sweep.csv`` and
 ``out/sweep.md`` are rewritten: each cell's final losses, and with ``report.kind = "toyworld"`` and
-``sweep.report`` its efficacy and usability figures from the small world's judge.
+``sweep.report`` its efficacy and usability figures from the small world's judge. ``out/timing.json``
+says how long this invocation spent training (judging excluded) and so how many concepts an hour.
 
 With ``sweep.batch_concepts`` (default on), the unfinished cells of one setting — the concepts
 of one grid point — train side by side in one program (``erase/batched_trainer.py``: stacked on
@@ -24,6 +25,7 @@ import io
 import itertools
 import json
 import re
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -114,8 +116,11 @@ def run_sweep(config, bundle, out: str | Path, progress: bool = True, mesh=None,
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cells = plan_cells(config)
+    side_by_side, alone, train_seconds = 0, 0, 0.0
     if config.sweep.batch_concepts:
-        _run_batched_groups(config, cells, bundle, out, progress, mesh, on_step)
+        start = time.perf_counter()
+        side_by_side = _run_batched_groups(config, cells, bundle, out, progress, mesh, on_step)
+        train_seconds = time.perf_counter() - start
     rows = []
     for i, cell in enumerate(cells):
         cfg = cell_config(config, cell, out)
@@ -123,21 +128,38 @@ def run_sweep(config, bundle, out: str | Path, progress: bool = True, mesh=None,
         print(f"[sweep] cell {i + 1}/{len(cells)} {cell.name}: {'finished, skipped' if finished else 'running'}",
               flush=True)
         if not finished:
+            start = time.perf_counter()
             run_erasure(cfg, bundle, progress, mesh,
                         on_step=None if on_step is None else lambda *a, name=cell.name: on_step(name, *a))
+            alone, train_seconds = alone + 1, train_seconds + time.perf_counter() - start
         if report is not None and not (Path(cfg.run_dir) / "report.json").is_file():
             report(cfg, Path(cfg.run_dir))
         rows.append(summarise(cell, cfg))
         if distributed.is_leader():
             write_table(rows, out)
+    if side_by_side + alone and distributed.is_leader():
+        write_timing(out, side_by_side, alone, train_seconds)
     return rows
 
 
-def _run_batched_groups(config, cells: list[Cell], bundle, out: Path, progress, mesh, on_step) -> None:
-    """Trains the unfinished cells of each grid point side by side, where they can be."""
+def write_timing(out: Path, side_by_side: int, alone: int, train_seconds: float) -> None:
+    """This invocation's training time (compiling included, judging not): the concepts-per-hour figure."""
+    trained = side_by_side + alone
+    timing = {"cells_trained": trained, "cells_side_by_side": side_by_side, "train_seconds": round(train_seconds, 2),
+              "concepts_per_hour": round(3600 * trained / train_seconds, 2)}
+    print(f"[sweep] trained {trained} cells ({side_by_side} side by side) in {train_seconds:.0f}s: "
+          f"{timing['concepts_per_hour']:.1f} concepts an hour", flush=True)
+    tmp = out / ".timing.json.tmp"
+    tmp.write_text(json.dumps(timing, indent=1) + "\n")
+    tmp.replace(out / "timing.json")
+
+
+def _run_batched_groups(config, cells: list[Cell], bundle, out: Path, progress, mesh, on_step) -> int:
+    """Trains the unfinished cells of each grid point side by side, where they can be; returns how many."""
     from coerase_jax.erase.batched_trainer import run_batched, why_not_batched
 
     groups: dict[tuple, list[Cell]] = {}
+    trained = 0
     for cell in cells:
         groups.setdefault(cell.settings, []).append(cell)
     for settings, group in groups.items():
@@ -155,3 +177,5 @@ def _run_batched_groups(config, cells: list[Cell], bundle, out: Path, progress, 
         names = {cfg.run_dir: cell.name for cell, cfg in todo}
         run_batched([cfg for _, cfg in todo], bundle, out / "batched" / re.sub(r"[^A-Za-z0-9_.=+-]+", "-", label),
                     progress, mesh, None if on_step is None else lambda run_dir, *a: on_step(names[run_dir], *a))
+        trained += len(todo)
+    return trained
