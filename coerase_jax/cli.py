@@ -209,6 +209,18 @@ def cmd_bench(args, config) -> None:
 def cmd_toyworld(args, config) -> None:
     from coerase_jax.toyworld.train import TrainPlan, build_world_model
 
+    if args.action == "check":
+        from coerase_jax.models.bundle import load_bundle
+        from coerase_jax.toyworld.report import format_quality, world_quality
+
+        quality = world_quality(load_bundle(args.model), config.report, args.images_per_shape)
+        print(format_quality(quality))
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "quality.json").write_text(json.dumps(quality, indent=2))
+        return
+    if not args.out:
+        raise UserError("coerase toyworld train needs --out DIR")
     plan = (TrainPlan.quick() if args.quick else TrainPlan(seed=args.seed)).with_overrides(args.plan or [])
     start = time.perf_counter()
     out = build_world_model(args.out, plan)
@@ -259,9 +271,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--compile-only", action="store_true", help="compile and analyse, do not run")
     bench.add_argument("--simulate-devices", type=int, default=0,
                        help="on CPU: pretend to have N devices (for mesh / FSDP memory checks)")
-    toyworld = sub.add_parser("toyworld", help="the small world: `coerase toyworld train --out DIR`")
-    toyworld.add_argument("action", choices=["train"], help="train the whole stack from scratch (~35 min, 2 cores)")
-    toyworld.add_argument("--out", required=True, help="output folder (diffusers layout); resumes finished parts")
+    toyworld = sub.add_parser("toyworld", help="the small world: `coerase toyworld train --out DIR`, "
+                                               "`coerase toyworld check --model DIR`")
+    toyworld.add_argument("action", choices=["train", "check"],
+                          help="train: the whole stack from scratch (~35 min, 2 cores); check: does a built world "
+                               "draw every shape in the asked colour, is its judge right (report.split's seeds)")
+    toyworld.add_argument("--out", help="train: output folder (diffusers layout), resumes finished parts; "
+                                        "check: where quality.json goes (optional)")
+    toyworld.add_argument("--model", default="toyworld", help="check: a world folder or preset")
+    toyworld.add_argument("--images-per-shape", type=int, default=256, help="check: images of each shape")
     toyworld.add_argument("--seed", type=int, default=0)
     toyworld.add_argument("--quick", action="store_true", help="a few steps of each part, to check the chain")
     toyworld.add_argument("--plan", action="append", metavar="FIELD=VALUE",

@@ -78,24 +78,21 @@ def test_every_world_word_is_one_clip_token(tmp_path, of_world):
 
 # ---------------------------------------------------------------- the shipped model
 
-@pytest.fixture(scope="module")
-def world_bundle():
+@pytest.fixture(scope="module", params=["toyworld", "toyworld-six"])
+def shipped(request):
+    """(bundle, judge, world) of each shipped small world."""
     from coerase_jax.models.bundle import load_bundle
-
-    return load_bundle("toyworld")
-
-
-@pytest.fixture(scope="module")
-def judge():
-    from coerase_jax.models.presets import TOYWORLD_DIR
+    from coerase_jax.models.presets import SHIPPED_WORLDS
     from coerase_jax.toyworld.classifier import Judge
 
-    return Judge(TOYWORLD_DIR)
+    judge = Judge(SHIPPED_WORLDS[request.param][0])
+    return load_bundle(request.param), judge, judge.world
 
 
-def test_judge_is_right_on_fresh_ground_truth_renders(judge):
+def test_judge_is_right_on_fresh_ground_truth_renders(shipped):
+    _, judge, of_world = shipped
     rng = np.random.default_rng(2024)  # not the training renders' seed
-    scenes = world.random_scenes(rng, 600)
+    scenes = world.random_scenes(rng, 600, of_world.shapes)
     shapes, colours = judge(world.render_many(scenes, rng))
     accuracy = np.mean([(s == sc.shape) and (c == sc.colour) for s, c, sc in zip(shapes, colours, scenes)])
     assert accuracy >= 0.98
@@ -103,27 +100,29 @@ def test_judge_is_right_on_fresh_ground_truth_renders(judge):
     assert list(judge(empty)[0]) == ["none"] * 8
 
 
-def test_shipped_model_draws_the_shape_and_colour_it_is_asked_for(world_bundle, judge):
+def test_shipped_model_draws_the_shape_and_colour_it_is_asked_for(shipped):
     from coerase_jax.diffusion.pipeline import Sampler
 
-    jobs = [(f"a {c} {s}", s, c, 500 + k) for s in world.SHAPES for c in world.COLOURS for k in range(8)]
-    images = Sampler(world_bundle, 25, 3.0, 96)([j[0] for j in jobs], [j[3] for j in jobs], progress=False)
+    bundle, judge, of_world = shipped
+    jobs = [(f"a {c} {s}", s, c, 500 + k) for s in of_world.shapes for c in world.COLOURS for k in range(8)]
+    images = Sampler(bundle, 25, 3.0, 96)([j[0] for j in jobs], [j[3] for j in jobs], progress=False)
     shapes, colours = judge(images)
     right = [(s == j[1]) and (c == j[2]) for s, c, j in zip(shapes, colours, jobs)]
     assert np.mean(right) >= 0.9
-    for shape in world.SHAPES:  # and no shape is carried by the others
+    for shape in of_world.shapes:  # and no shape is carried by the others
         assert np.mean([r for r, j in zip(right, jobs) if j[1] == shape]) >= 0.8, shape
 
 
-def test_image_prompts_steer_generation(world_bundle, judge):
+def test_image_prompts_steer_generation(shipped):
     """IP-Adapter: with an empty text prompt, the image embedding alone decides shape and colour."""
     from coerase_jax.diffusion.pipeline import Sampler
 
+    bundle, judge, of_world = shipped
     rng = np.random.default_rng(7)
-    scenes = [world.Scene(s, c, 9.0, (16.0, 16.0)) for s in world.SHAPES for c in ("red", "blue")] * 4
-    embeds = np.asarray(world_bundle.encode_images(world.render_many(scenes).astype(np.float32) / 255.0))
-    images = Sampler(world_bundle, 25, 3.0, 48)([""] * len(scenes), list(rng.integers(0, 10**6, len(scenes))),
-                                                image_embeds=embeds, progress=False)
+    scenes = [world.Scene(s, c, 9.0, (16.0, 16.0)) for s in of_world.shapes for c in ("red", "blue")] * 4
+    embeds = np.asarray(bundle.encode_images(world.render_many(scenes).astype(np.float32) / 255.0))
+    images = Sampler(bundle, 25, 3.0, 48)([""] * len(scenes), list(rng.integers(0, 10**6, len(scenes))),
+                                          image_embeds=embeds, progress=False)
     shapes, colours = judge(images)
     assert np.mean([(s == sc.shape) and (c == sc.colour) for s, c, sc in zip(shapes, colours, scenes)]) >= 0.7
 

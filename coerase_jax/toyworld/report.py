@@ -180,6 +180,50 @@ def format_joint_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+# Offset of the quality check's seeds inside a split's range (the judging rows start at its base).
+QUALITY_SEED_OFFSET = 500_000
+
+
+def world_quality(bundle, config_report, images_per_shape: int, progress: bool = True) -> dict:
+    """Is a world fit to judge erasures in? (#21's must-show for a new world.)
+
+    * ``draws``: per shape, the fraction of images from "a <colour> <shape>" (colours in turn, every
+      image its own seed in ``report.split``'s range) that the judge calls that shape *and* colour;
+    * ``judge``: the judge's accuracy (shape and colour) on fresh renders of random scenes, and
+      whether it calls empty canvases "none"."""
+    judge = Judge(presets.source_folder(bundle.source))
+    of_world = judge.world
+    base = SEED_SPLITS[config_report.split] + QUALITY_SEED_OFFSET
+    jobs = [(f"a {c} {s}", s, c) for s in of_world.shapes
+            for c in (world.COLOURS * images_per_shape)[:images_per_shape]]
+    sampler = Sampler(bundle, config_report.steps, config_report.guidance_scale, batch_size=64)
+    images = sampler([j[0] for j in jobs], [base + i for i in range(len(jobs))], progress=progress,
+                     desc="drawing every shape")
+    shapes, colours = judge(images)
+    right = np.array([(s == j[1]) and (c == j[2]) for s, c, j in zip(shapes, colours, jobs)])
+    draws = {shape: stats.rate(right[[j[1] == shape for j in jobs]]) for shape in of_world.shapes}
+    rng = np.random.default_rng(base)
+    scenes = world.random_scenes(rng, 100 * len(of_world.shapes), of_world.shapes)
+    shapes, colours = judge(world.render_many(scenes, rng))
+    empty = judge(np.full((16, world.IMAGE_SIZE, world.IMAGE_SIZE, 3), world.BACKGROUND, np.uint8))[0]
+    return {"world": of_world.name, "draws": draws, "draws_all": stats.rate(right),
+            "judge_on_renders": stats.rate([(s == sc.shape) and (c == sc.colour)
+                                            for s, c, sc in zip(shapes, colours, scenes)]),
+            "judge_empty_is_none": stats.rate(empty == "none"),
+            "settings": {"images_per_shape": images_per_shape, "split": config_report.split, "seeds_from": base,
+                         "steps": config_report.steps, "guidance_scale": config_report.guidance_scale}}
+
+
+def format_quality(quality: dict) -> str:
+    lines = [f"world {quality['world']}: the shape and colour asked for, judged", "",
+             "| shape | drawn right |", "|---|---|"]
+    lines += [f"| {shape} | {stats.percent(r)} |" for shape, r in quality["draws"].items()]
+    lines += [f"| all | {stats.percent(quality['draws_all'])} |", "",
+              f"judge on fresh renders: {stats.percent(quality['judge_on_renders'])}; "
+              f"empty canvases called none: {stats.percent(quality['judge_empty_is_none'])}"]
+    return "\n".join(lines)
+
+
 def _grid_columns(images: dict[str, np.ndarray], shape: str, of_world: world.World) -> list[tuple[str, np.ndarray]]:
     """Rows of the grid for one model: (label, GRID_SEEDS images of that prompt side by side). A
     group's images take its prompts in turn, so prompt i's are images i, i + P, i + 2P, ..."""
