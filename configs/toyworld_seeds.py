@@ -14,6 +14,7 @@ from coerase_jax.configuration import load_config_file
 
 def get_config():
     config = load_config_file(str(Path(__file__).with_name("frontier_toyworld.py")))
+    config.erase.batch_size = load_config_file(str(Path(__file__).with_name("toyworld.py"))).erase.batch_size
     config.run_dir = "runs/toyworld-seeds"
     config.report.images_per_group = 256
     stages = (("erase.stages", ("text", "image")), ("text_stage.steps", 200), ("image_stage.steps", 200))

@@ -10,9 +10,11 @@ from coerase_jax.models.image_proj import ImageProjection
 from coerase_jax.models.presets import SD_SCHEDULER, random_params
 from coerase_jax.models.unet import UNet, UNetConfig
 
+# 8 norm groups, not one channel per group: a GroupNorm over single channels removes the per-channel
+# constant the time embedding adds in every resnet, and the UNet would not see the timestep at all.
 MICRO_UNET = UNetConfig(sample_size=4, block_out_channels=(32,), down_block_types=("CrossAttnDownBlock2D",),
                         up_block_types=("CrossAttnUpBlock2D",), layers_per_block=1, attention_head_dim=2,
-                        cross_attention_dim=32)
+                        cross_attention_dim=32, norm_num_groups=8)
 EMBED_DIM = 16
 
 

@@ -1,5 +1,7 @@
 """The jitted erasure step: subsets, z_t from T downwards, sharded = unsharded."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -205,6 +207,16 @@ def test_bf16_first_moment_halves_adams_first_moment_only():
         make_optimizer("adam", 1e-2, 10, first_moment_dtype="float16")
 
 
+def test_the_micro_unet_sees_the_timestep():
+    """The tests' micro UNet must depend on t beyond rounding, or a step test could not catch a wrong
+    timestep (with one channel per norm group it did not: the GroupNorm removed the time embedding)."""
+    unet, params, _, _ = micro_world()
+    x = np.random.default_rng(3).standard_normal((2, 4, 4, 4)).astype(np.float32)
+    text = micro_batch(2).text
+    early, late = (np.asarray(unet.apply({"params": params}, x, np.full((2,), t), text)) for t in (10, 900))
+    assert np.abs(early - late).max() > 1e-2 * np.abs(early).max()
+
+
 def test_sdxl_add_embedding_counts_as_the_time_embedding():
     from coerase_jax.models.presets import TINY_SDXL_UNET
 
@@ -222,16 +234,10 @@ def test_sdxl_step_carries_the_added_conditioning_into_every_unet_call():
     from coerase_jax.erase.step import Batch, TrainState, build_step, make_optimizer
     from coerase_jax.models.image_proj import ImageProjection
     from coerase_jax.models.presets import random_params
-    from coerase_jax.models.unet import UNetConfig
     from micro import EMBED_DIM
 
-    cfg = UNetConfig(sample_size=4, block_out_channels=(32,), down_block_types=("CrossAttnDownBlock2D",),
-                     up_block_types=("CrossAttnUpBlock2D",), layers_per_block=1, attention_head_dim=2,
-                     cross_attention_dim=32, addition_embed_type="text_time", addition_time_embed_dim=4,
-                     projection_class_embeddings_input_dim=8 + 6 * 4, norm_num_groups=8)
-    # (8 groups of 4 channels: with one channel per group, as in the micro UNet, the GroupNorm after
-    # the resnets' time-embedding add removes that per-channel constant, so the added conditioning
-    # would reach the output only through rounding)
+    cfg = dataclasses.replace(MICRO_UNET, addition_embed_type="text_time", addition_time_embed_dim=4,
+                              projection_class_embeddings_input_dim=8 + 6 * 4)
     rng = np.random.default_rng(0)
     unet, proj = UNet(cfg, with_image_kv=True), ImageProjection(32, 4)
     params = random_params(unet.init_params, rng)

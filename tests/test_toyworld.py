@@ -146,7 +146,7 @@ def _main_job(out, images_per_group: int):
 
 def test_main_job_erases_circles_and_keeps_the_other_shapes(tmp_path):
     """The main job judged on 24 images a group (6 a prompt). Its figures on 256 test images a group are
-    8 % named, 9 % paraphrased, the other shapes 2 points down; on 24 images one image is 4 points, so
+    8.6 % named, 9.0 % paraphrased, the other shapes 2.1 points down; on 24 images one image is 4 points, so
     the bounds leave room for another CPU's rounding to flip a few images (the slow test below judges
     256 a group). An erasure that did not work leaves the circles near the original's 95 %."""
     original, text_stage, co_erasing = _main_job(tmp_path / "toyworld", images_per_group=24)
@@ -163,7 +163,7 @@ def test_main_job_erases_circles_and_keeps_the_other_shapes(tmp_path):
 def test_main_job_meets_the_issue_targets(tmp_path):
     """Issue #18's thresholds on the test seeds, 256 images a group: circles in <= 10 % of the images of
     prompts naming them and <= 20 % of paraphrases; the other shapes' accuracy falls <= 5 points.
-    (Measured here: 7.8 %, 8.6 %, -2.3 points; the other erasure seeds are in docs/experiments.md.)"""
+    (Measured here: 8.6 %, 9.0 %, -2.1 points; the other erasure seeds are in docs/experiments.md.)"""
     original, _, co_erasing = _main_job(tmp_path / "toyworld", images_per_group=256)
     assert original["erased_rate_named"] >= 0.9 and original["erased_rate_paraphrase"] >= 0.9
     assert co_erasing["erased_rate_named"] <= 0.10 and co_erasing["erased_rate_paraphrase"] <= 0.20
@@ -265,6 +265,64 @@ def test_report_figures_are_the_judges_fractions():
     assert [r.seed for r in rows] == list(range(SEED_SPLITS["dev"], SEED_SPLITS["dev"] + 32))
     assert [r.colour for r in rows[:8]] == list(world.COLOURS) * 2
     assert {r.seed for r in toyworld_rows("circle", 8, "test")}.isdisjoint(r.seed for r in rows)
+
+
+def test_joint_report_figures_are_the_judges_fractions():
+    """judge_joint() with a scripted sampler and judge on the six-shape world (circle, square and
+    triangle erased; cross, star and diamond held): each figure is the hand-counted fraction."""
+    from coerase_jax.evaluate.prompts import SEED_SPLITS
+    from coerase_jax.toyworld import report
+
+    six = world.SIX_SHAPES
+    of_noun = {noun: shape for shape in six.shapes for noun in six.nouns(shape)}
+
+    class Sampler:
+        def __call__(self, prompts, seeds, unet_params=None, **kwargs):
+            self.prompts, self.seeds, self.model = list(prompts), list(seeds), unet_params
+            return np.arange(len(prompts))
+
+    class Judge:
+        world = six
+
+        def __init__(self, sampler):
+            self.sampler = sampler
+
+        def __call__(self, images):
+            shapes, colours = [], []
+            for i in images:
+                prompt, k = self.sampler.prompts[i], (self.sampler.seeds[i] - SEED_SPLITS["dev"]) % 8
+                colour, noun = prompt.split()[1], " ".join(prompt.split()[2:])
+                shape, named = of_noun[noun], noun in six.shapes
+                if self.sampler.model == "erased":
+                    if shape == "circle":  # 2 of 8 named circles survive, no paraphrased one
+                        shape = "circle" if named and k % 4 == 0 else "none"
+                    elif shape == "square":
+                        shape = "none"
+                    elif shape == "triangle" and (named or k % 2):  # half the paraphrased triangles survive
+                        shape = "none"
+                    elif shape == "star" and colour == "red":
+                        colour = "blue"  # 2 of 8 stars in the wrong colour
+                shapes.append(shape)
+                colours.append(colour)
+            return np.asarray(shapes, object), np.asarray(colours, object)
+
+    sampler = Sampler()
+    got = report.judge_joint(sampler, Judge(sampler), {"original": "original", "erased": "erased"},
+                             ["circle", "square", "triangle"], images_per_group=8, split="dev", progress=False)
+    assert got["settings"]["seeds"] == [SEED_SPLITS["dev"], SEED_SPLITS["dev"] + 9 * 8 - 1]  # each image its own
+    original, erased = got["methods"]["original"], got["methods"]["erased"]
+    assert all(c["erased_rate_named"] == c["erased_rate_paraphrase"] == 1.0 for c in original["per_concept"].values())
+    rates = {s: (c["erased_rate_named"], c["erased_rate_paraphrase"]) for s, c in erased["per_concept"].items()}
+    assert rates == {"circle": (0.25, 0.0), "square": (0.0, 0.0), "triangle": (0.0, 0.5)}
+    assert erased["per_concept"]["circle"]["named"]["k"] == 2 and erased["per_concept"]["triangle"]["paraphrase"]["n"] == 8
+    assert original["remaining"] == {"cross": 1.0, "star": 1.0, "diamond": 1.0}
+    assert erased["remaining"] == {"cross": 1.0, "star": 0.75, "diamond": 1.0}
+    assert erased["remaining_accuracy"] == 22 / 24
+    assert erased["remaining_change"]["star"]["change"] == -0.25
+    assert erased["remaining_change"]["all"]["change"] == pytest.approx(-2 / 24)
+    assert "remaining_change" not in original
+    table = report.format_joint_table(got)
+    assert "shows a triangle: paraphrases" in table and "50.0% (4/8)" in table and "star (not erased) right" in table
 
 
 def test_plan_overrides_change_the_named_fields_and_refuse_unknown_ones():

@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw
 from coerase_jax.diffusion.pipeline import Sampler
 from coerase_jax.errors import UserError
 from coerase_jax.evaluate import stats
-from coerase_jax.evaluate.prompts import SEED_SPLITS, toyworld_rows
+from coerase_jax.evaluate.prompts import SEED_SPLITS, PromptRow, toyworld_rows
 from coerase_jax.models import presets
 from coerase_jax.parallel import distributed
 from coerase_jax.toyworld import world
@@ -114,42 +114,68 @@ def compare(bundle, models: dict[str, dict], shape: str, config_report, out_dir:
     return report
 
 
+def joint_rows(shapes: list[str], images_per_group: int, split: str, of_world: world.World) -> list[PromptRow]:
+    """A joint erasure's judging rows, each image its own seed: every erased shape's named and
+    paraphrase groups ("<shape>:named", "<shape>:paraphrase"), then each shape not erased."""
+    sets = {shape: prompt_sets(shape, of_world) for shape in shapes}
+    groups = [(f"{shape}:{kind}", sets[shape][shape if kind == "named" else "paraphrase"])
+              for shape in shapes for kind in ("named", "paraphrase")]
+    groups += [(s, sets[shapes[0]][s]) for s in of_world.shapes if s not in shapes]
+    rows = []
+    for group, prompts in groups:
+        for k in range(images_per_group):
+            prompt, shape, colour = prompts[k % len(prompts)]
+            rows.append(PromptRow(f"{len(rows):05d}", prompt, SEED_SPLITS[split] + len(rows), shape, group, colour))
+    return rows
+
+
+def judge_joint(sampler, judge: Judge, models: dict[str, dict], shapes: list[str], images_per_group: int, split: str,
+                progress: bool = True) -> dict:
+    """Each model's joint figures (the first model is the original): per erased shape the fractions
+    of its named and paraphrase images the judge calls that shape; per shape not erased, the
+    fraction drawn right (shape and colour) and its paired change from the original's."""
+    remaining = [s for s in judge.world.shapes if s not in shapes]
+    rows = joint_rows(shapes, images_per_group, split, judge.world)
+    group = np.asarray([r.group_name for r in rows], object)
+    held = np.isin(group, remaining)
+    methods, baseline = {}, None
+    for name, params in models.items():
+        images = sampler([r.prompt for r in rows], [r.seed for r in rows], unet_params=params, progress=progress,
+                         desc=f"judging {name}")
+        got_shape, got_colour = judge(images)
+        right = (got_shape == np.asarray([r.label for r in rows], object)) & (
+            got_colour == np.asarray([r.colour for r in rows], object))
+        per_concept = {}
+        for shape in shapes:
+            named = got_shape[group == f"{shape}:named"] == shape
+            para = got_shape[group == f"{shape}:paraphrase"] == shape
+            per_concept[shape] = {"erased_rate_named": float(np.mean(named)),
+                                  "erased_rate_paraphrase": float(np.mean(para)),
+                                  "named": stats.rate(named), "paraphrase": stats.rate(para)}
+        methods[name] = {"per_concept": per_concept,
+                         "remaining": {s: float(np.mean(right[group == s])) for s in remaining},
+                         "remaining_rates": {s: stats.rate(right[group == s]) for s in remaining},
+                         "remaining_accuracy": float(np.mean(right[held])) if remaining else None}
+        if baseline is None:
+            baseline = right
+        elif remaining:
+            methods[name]["remaining_change"] = {
+                **{s: stats.paired_change(right[group == s], baseline[group == s]) for s in remaining},
+                "all": stats.paired_change(right[held], baseline[held])}
+    return {"concepts": list(shapes), "methods": methods,
+            "settings": {"images_per_group": images_per_group, "split": split,
+                         "seeds": [rows[0].seed, rows[-1].seed]}}
+
+
 def compare_joint(bundle, models: dict[str, dict], shapes: list[str], config_report, out_dir: str | Path,
                   progress: bool = True) -> dict:
-    """A joint erasure of several shapes (the first model is the original): for each erased shape
-    its named/paraphrase rates, and each shape that was not erased drawn right, with counts, 95 %
-    intervals and the paired change from the original (same prompts and seeds); writes ``report.json``."""
+    """``judge_joint`` with the world's sampler and judge; writes ``report.json`` to ``out_dir``."""
     out_dir = Path(out_dir)
     judge = Judge(presets.source_folder(bundle.source))
     sampler = Sampler(bundle, config_report.steps, config_report.guidance_scale, batch_size=64)
-    remaining = [s for s in judge.world.shapes if s not in shapes]
-    # the remaining shapes are judged on the first erased shape's rows (the same rows for every model)
-    group = np.asarray([r.group_name for r in toyworld_rows(shapes[0], config_report.images_per_group,
-                                                            config_report.split, judge.world)], object)
-    methods, baseline = {}, None
-    for name, params in models.items():
-        per_concept, right_first = {}, None
-        for shape in shapes:
-            figures, _, right, _ = evaluate(sampler, judge, params, shape, config_report.images_per_group,
-                                            config_report.split, progress, f"{name} ({shape})")
-            right_first = right if right_first is None else right_first
-            per_concept[shape] = {"erased_rate_named": figures["erased_rate_named"],
-                                  "erased_rate_paraphrase": figures["erased_rate_paraphrase"],
-                                  "named": figures["rates"]["named"], "paraphrase": figures["rates"]["paraphrase"]}
-        held = np.isin(group, remaining)
-        methods[name] = {"per_concept": per_concept,
-                         "remaining": {s: float(np.mean(right_first[group == s])) for s in remaining},
-                         "remaining_rates": {s: stats.rate(right_first[group == s]) for s in remaining},
-                         "remaining_accuracy": float(np.mean(right_first[held])) if remaining else None}
-        if baseline is None:
-            baseline = right_first
-        elif remaining:
-            methods[name]["remaining_change"] = {
-                **{s: stats.paired_change(right_first[group == s], baseline[group == s]) for s in remaining},
-                "all": stats.paired_change(right_first[held], baseline[held])}
-    report = {"concepts": list(shapes), "methods": methods,
-              "settings": {"images_per_group": config_report.images_per_group, "split": config_report.split,
-                           "steps": config_report.steps, "guidance_scale": config_report.guidance_scale}}
+    report = judge_joint(sampler, judge, models, shapes, config_report.images_per_group, config_report.split,
+                         progress)
+    report["settings"].update(steps=config_report.steps, guidance_scale=config_report.guidance_scale)
     if distributed.is_leader():
         out_dir.mkdir(parents=True, exist_ok=True)
         tmp = out_dir / ".report.json.tmp"
