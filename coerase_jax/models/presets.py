@@ -38,7 +38,9 @@ TINY_FAMILIES = {"tiny": "sd1", "tiny-sd2": "sd2", "tiny-sdxl": "sdxl"}
 # three-shape world everything defaults to, and issue #21's six-shape world (``--plan world=six``).
 TOYWORLD_DIR = Path(__file__).resolve().parent.parent / "toyworld" / "model"
 SHIPPED_WORLDS = {"toyworld": (TOYWORLD_DIR, ""),
-                  "toyworld-six": (TOYWORLD_DIR.with_name("six"), " --plan world=six")}
+                  "toyworld-six": (TOYWORLD_DIR.with_name("six"),
+                                   " --plan world=six --plan num_images=30000 --plan clip_steps=1200"
+                                   " --plan unet_steps=6000 --plan ip_steps=800")}
 PRESETS = (*TINY_FAMILIES, *SHIPPED_WORLDS)
 _FORMAT_VERSION = "1"  # bump when the tiny preset's contents change, so caches are rebuilt
 
