@@ -44,7 +44,7 @@ def test_each_example_pairs_a_prompt_and_an_image_of_one_concept(sampling):
 
 def test_joint_config_is_checked():
     config = load_config("configs/joint_toyworld.py")
-    assert [name for name, _ in joint_concepts(config)] == ["circle", "square"]
+    assert [name for name, _ in joint_concepts(config)] == ["circle", "square", "triangle"]
     for bad in ([("circle", ())], [("circle", "a red circle")], [("a/b", ("x",))], [("c", ("x",)), ("c", ("y",))]):
         with config.unlocked():
             config.concept.joint = tuple(bad)
@@ -65,11 +65,11 @@ def test_joint_steps_and_learning_rate_scale_with_the_number_of_concepts():
     single = {s.name: (s.steps, s.learning_rate) for s in plan_stages(config)}
     assert single == {"text": (100, 1e-4), "image": (30, 3e-4)}  # exponents 0: as one erasure
     with config.unlocked():
-        config.concept.joint = config.concept.joint + (("triangle", ("a triangle",)),)  # K = 3
+        config.concept.joint = config.concept.joint + (("cross", ("a cross",)),)  # K = 4
         config.concept.joint_steps_exponent, config.concept.joint_lr_exponent = 1.0, -0.5
     scaled = {s.name: (s.steps, s.learning_rate) for s in plan_stages(config)}
-    assert scaled["text"][0] == 300 and scaled["image"][0] == 90
-    assert scaled["text"][1] == pytest.approx(1e-4 / 3 ** 0.5) and scaled["image"][1] == pytest.approx(3e-4 / 3 ** 0.5)
+    assert scaled["text"][0] == 400 and scaled["image"][0] == 120
+    assert scaled["text"][1] == pytest.approx(1e-4 / 2) and scaled["image"][1] == pytest.approx(3e-4 / 2)
     with config.unlocked():
         config.concept.joint = ()  # a single erasure ignores the exponents
     assert {s.name: (s.steps, s.learning_rate) for s in plan_stages(config)} == single
