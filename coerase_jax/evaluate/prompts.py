@@ -79,30 +79,38 @@ def write_prompt_csv(rows: list[PromptRow], path: str | Path) -> None:
 
 
 # The small world's judging seeds. Settings are chosen on "dev" and reported on "test", never the
-# other way round; every image has its own seed (the split's start + its row number), so no two
-# images of a report share their noise.
+# other way round.
 SEED_SPLITS = {"dev": 1_000_000, "test": 2_000_000}
+
+
+def rows_of_groups(groups: list[tuple[str, list[tuple[str, str, str]]]], images_per_group: int,
+                   split: str, first_seed: int = 0) -> list[PromptRow]:
+    """Judging rows: for each (group, prompts of (prompt, shape, colour)), ``images_per_group`` rows,
+    its prompts taken in turn (so every colour is drawn equally often); each row its own seed, the
+    split's start + ``first_seed`` + its row number, so no two images of a report share their noise."""
+    if split not in SEED_SPLITS:
+        raise UserError(f"report.split must be one of {sorted(SEED_SPLITS)}, got {split!r}")
+    rows = []
+    for group, prompts in groups:
+        for k in range(images_per_group):
+            prompt, shape, colour = prompts[k % len(prompts)]
+            rows.append(PromptRow(f"{len(rows):05d}", prompt, SEED_SPLITS[split] + first_seed + len(rows),
+                                  shape, group, colour))
+    return rows
 
 
 def toyworld_rows(concept: str, images_per_group: int, split: str, of_world=None) -> list[PromptRow]:
     """The small world's judging rows (the main job's report and ``coerase eval`` use the same).
 
     Groups: ``named`` (the concept's name in every colour), ``paraphrase`` (its paraphrases, which
-    no erasure prompt contains) and each other shape; each group has ``images_per_group`` images,
-    its prompts taken in turn, so every colour is drawn equally often. ``of_world``: the world's
-    shapes and paraphrases (the shipped world's if None)."""
+    no erasure prompt contains) and each other shape, ``images_per_group`` images each.
+    ``of_world``: the world's shapes and paraphrases (the shipped world's if None)."""
     from coerase_jax.toyworld import world
     from coerase_jax.toyworld.report import prompt_sets
 
-    if split not in SEED_SPLITS:
-        raise UserError(f"report.split must be one of {sorted(SEED_SPLITS)}, got {split!r}")
-    rows = []
-    for set_name, prompts in prompt_sets(concept, of_world or world.THREE_SHAPES).items():
-        group = "named" if set_name == concept else set_name
-        for k in range(images_per_group):
-            prompt, shape, colour = prompts[k % len(prompts)]
-            rows.append(PromptRow(f"{len(rows):05d}", prompt, SEED_SPLITS[split] + len(rows), shape, group, colour))
-    return rows
+    sets = prompt_sets(concept, of_world or world.THREE_SHAPES)
+    return rows_of_groups([("named" if name == concept else name, prompts) for name, prompts in sets.items()],
+                          images_per_group, split)
 
 
 def usability_rows(path: str | Path) -> list[PromptRow]:

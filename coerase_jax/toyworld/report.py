@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw
 from coerase_jax.diffusion.pipeline import Sampler
 from coerase_jax.errors import UserError
 from coerase_jax.evaluate import stats
-from coerase_jax.evaluate.prompts import SEED_SPLITS, PromptRow, toyworld_rows
+from coerase_jax.evaluate.prompts import SEED_SPLITS, PromptRow, rows_of_groups, toyworld_rows
 from coerase_jax.models import presets
 from coerase_jax.parallel import distributed
 from coerase_jax.toyworld import world
@@ -50,6 +50,12 @@ def prompt_sets(shape: str, of_world: world.World = world.THREE_SHAPES) -> dict[
     return sets
 
 
+def drawn_right(rows: list[PromptRow], got_shape: np.ndarray, got_colour: np.ndarray) -> np.ndarray:
+    """Per image: did the judge see the shape and the colour its prompt asked for?"""
+    return (got_shape == np.asarray([r.label for r in rows], object)) & (
+        got_colour == np.asarray([r.colour for r in rows], object))
+
+
 def evaluate(sampler: Sampler, judge: Judge, unet_params, shape: str, images_per_group: int, split: str,
              progress: bool = True, name: str = "") -> tuple[dict, dict[str, np.ndarray], np.ndarray]:
     """One model's figures, its images per group, and per image whether it was drawn right (the
@@ -61,8 +67,7 @@ def evaluate(sampler: Sampler, judge: Judge, unet_params, shape: str, images_per
     got_shape, got_colour = judge.names(*probs)
     clean = coherent(*probs)
     group = np.asarray([r.group_name for r in rows], object)
-    right = (got_shape == np.asarray([r.label for r in rows], object)) & (
-        got_colour == np.asarray([r.colour for r in rows], object))
+    right = drawn_right(rows, got_shape, got_colour)
     shows_concept = got_shape == shape
     others = (group != "named") & (group != "paraphrase")
     of_shape = lambda s: group == ("named" if s == shape else s)
@@ -121,12 +126,7 @@ def joint_rows(shapes: list[str], images_per_group: int, split: str, of_world: w
     groups = [(f"{shape}:{kind}", sets[shape][shape if kind == "named" else "paraphrase"])
               for shape in shapes for kind in ("named", "paraphrase")]
     groups += [(s, sets[shapes[0]][s]) for s in of_world.shapes if s not in shapes]
-    rows = []
-    for group, prompts in groups:
-        for k in range(images_per_group):
-            prompt, shape, colour = prompts[k % len(prompts)]
-            rows.append(PromptRow(f"{len(rows):05d}", prompt, SEED_SPLITS[split] + len(rows), shape, group, colour))
-    return rows
+    return rows_of_groups(groups, images_per_group, split)
 
 
 def judge_joint(sampler, judge: Judge, models: dict[str, dict], shapes: list[str], images_per_group: int, split: str,
@@ -143,8 +143,7 @@ def judge_joint(sampler, judge: Judge, models: dict[str, dict], shapes: list[str
         images = sampler([r.prompt for r in rows], [r.seed for r in rows], unet_params=params, progress=progress,
                          desc=f"judging {name}")
         got_shape, got_colour = judge(images)
-        right = (got_shape == np.asarray([r.label for r in rows], object)) & (
-            got_colour == np.asarray([r.colour for r in rows], object))
+        right = drawn_right(rows, got_shape, got_colour)
         per_concept = {}
         for shape in shapes:
             named = got_shape[group == f"{shape}:named"] == shape
@@ -219,15 +218,13 @@ def world_quality(bundle, config_report, images_per_shape: int, progress: bool =
       whether it calls empty canvases "none"."""
     judge = Judge(presets.source_folder(bundle.source))
     of_world = judge.world
-    base = SEED_SPLITS[config_report.split] + QUALITY_SEED_OFFSET
-    jobs = [(f"a {c} {s}", s, c) for s in of_world.shapes
-            for c in (world.COLOURS * images_per_shape)[:images_per_shape]]
+    rows = rows_of_groups([(s, [(f"a {c} {s}", s, c) for c in world.COLOURS]) for s in of_world.shapes],
+                          images_per_shape, config_report.split, first_seed=QUALITY_SEED_OFFSET)
+    base = rows[0].seed
     sampler = Sampler(bundle, config_report.steps, config_report.guidance_scale, batch_size=64)
-    images = sampler([j[0] for j in jobs], [base + i for i in range(len(jobs))], progress=progress,
-                     desc="drawing every shape")
-    shapes, colours = judge(images)
-    right = np.array([(s == j[1]) and (c == j[2]) for s, c, j in zip(shapes, colours, jobs)])
-    draws = {shape: stats.rate(right[[j[1] == shape for j in jobs]]) for shape in of_world.shapes}
+    images = sampler([r.prompt for r in rows], [r.seed for r in rows], progress=progress, desc="drawing every shape")
+    right = drawn_right(rows, *judge(images))
+    draws = {shape: stats.rate(right[[r.label == shape for r in rows]]) for shape in of_world.shapes}
     rng = np.random.default_rng(base)
     scenes = world.random_scenes(rng, 100 * len(of_world.shapes), of_world.shapes)
     shapes, colours = judge(world.render_many(scenes, rng))
