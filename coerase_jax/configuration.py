@@ -171,6 +171,9 @@ def base_config(source: str) -> ml_collections.ConfigDict:
         # per_example: each example draws a concept | per_step: one per step | balanced: concepts in
         # turn, so every concept gets the same share of examples (each step's batch as even as it can be)
         "joint_sampling": "per_example",
+        # Each concept's share of the examples, in concept.joint's order, as whole numbers ((2, 1, 1): the
+        # first concept gets half); () = equal. A concept that is harder to erase gets more examples.
+        "joint_shares": (),
         # A joint erasure of K concepts trains each stage for steps * K**joint_steps_exponent steps at
         # learning_rate * K**joint_lr_exponent (0, 0: as a single erasure; 1, 0: each concept gets a
         # single erasure's steps)

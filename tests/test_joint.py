@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from coerase_jax.configuration import load_config
-from coerase_jax.erase.trainer import ConceptData, joint_concepts, plan_stages, sample_batch
+from coerase_jax.erase.trainer import ConceptData, joint_concepts, plan_stages, sample_batch, shared_turns
 from coerase_jax.errors import UserError
 
 
@@ -42,6 +42,22 @@ def test_each_example_pairs_a_prompt_and_an_image_of_one_concept(sampling):
     np.testing.assert_array_equal(again.text, sample_batch(data, 3, 1, 7, 4).text)
 
 
+@pytest.mark.parametrize("sampling", ["per_example", "per_step", "balanced"])
+def test_shares_give_each_concept_its_part_of_the_examples(sampling):
+    data = _data(sampling)
+    data.joint_shares = (2, 1, 1)  # the first concept: half the examples
+    per_concept = np.zeros(3, int)
+    for step in range(300):
+        batch = sample_batch(data, seed=5, stage=0, step=step, batch_size=2)
+        per_concept += np.bincount(data.prompt_concept[batch.text[:, 0, 0].astype(int)], minlength=3)
+        if sampling == "balanced" and step % 2 == 1:  # every 4 examples: 2, 1, 1 exactly
+            assert list(per_concept) == [(step + 1), (step + 1) // 2, (step + 1) // 2], per_concept
+    # drawn shares: 300 (per_step) to 600 draws of p = 1/2, 1/4, 1/4; +-0.1 is over 3 standard deviations
+    np.testing.assert_allclose(per_concept / per_concept.sum(), [0.5, 0.25, 0.25], atol=0.1)
+    assert list(shared_turns((1, 1, 1))) == [0, 1, 2]  # equal shares: the plain turns
+    assert list(shared_turns((1, 3))) == [1, 0, 1, 1]
+
+
 def test_joint_config_is_checked():
     config = load_config("configs/joint_toyworld.py")
     assert [name for name, _ in joint_concepts(config)] == ["circle", "square", "triangle"]
@@ -55,6 +71,13 @@ def test_joint_config_is_checked():
         config.concept.joint_sampling = "round_robin"
     with pytest.raises(UserError, match="joint_sampling must be one of per_example, per_step, balanced"):
         joint_concepts(config)
+    with config.unlocked():
+        config.concept.joint_sampling = "balanced"
+    for bad in ((2, 1), (1, 0), (1.5,)):
+        with config.unlocked():
+            config.concept.joint_shares = bad
+        with pytest.raises(UserError, match="joint_shares must be one whole number > 0 per concept.joint entry"):
+            joint_concepts(config)
 
 
 def test_joint_steps_and_learning_rate_scale_with_the_number_of_concepts():

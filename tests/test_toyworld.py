@@ -132,20 +132,27 @@ def test_image_prompts_steer_generation(shipped):
     assert np.mean([(s == sc.shape) and (c == sc.colour) for s, c, sc in zip(shapes, colours, scenes)]) >= 0.7
 
 
-def _main_job(out, images_per_group: int):
-    """`coerase erase --out DIR` on the default config, in a process with one CPU device, as README
-    runs it (the tests' 8 simulated devices would not divide the default erase batch of 4)."""
+def _erase(out, images_per_group: int, *config_args: str) -> dict:
+    """`coerase erase --out DIR [--config C ...]` in a process with one CPU device, as README runs it
+    (the tests' 8 simulated devices would not divide the erase batch); its report.json."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    done = subprocess.run([sys.executable, "-m", "coerase_jax.cli", "erase", "--out", str(out),
+    done = subprocess.run([sys.executable, "-m", "coerase_jax.cli", "erase", "--out", str(out), *config_args,
                            f"--config.report.images_per_group={images_per_group}", "--config.checkpoint.every=1000"],
-                          env=env, capture_output=True, text=True, timeout=1200)
+                          env=env, capture_output=True, text=True, timeout=2400)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert (out / "grid.png").is_file() and "co_erasing" in done.stdout
     report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["split"] == "test"
+    return report
+
+
+def _main_job(out, images_per_group: int, *config_args: str):
+    """The main job's (original, text stage, Co-Erasing) figures."""
+    report = _erase(out, images_per_group, *config_args)
+    assert (out / "grid.png").is_file()
     assert report["concept"] == "circle"
     n = images_per_group
-    assert report["methods"]["original"]["images"] == {"named": n, "paraphrase": n, "square": n, "triangle": n}
-    assert report["settings"]["split"] == "test"
+    others = [s for s in report["methods"]["original"]["per_shape"] if s != "circle"]
+    assert report["methods"]["original"]["images"] == {"named": n, "paraphrase": n, **{s: n for s in others}}
     return tuple(report["methods"][m] for m in ("original", "text_only", "co_erasing"))
 
 

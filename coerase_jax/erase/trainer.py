@@ -125,6 +125,7 @@ class ConceptData:
     prompt_concept: np.ndarray | None = None  # (P,)
     image_concept: np.ndarray | None = None  # (N,)
     joint_sampling: str = "per_example"  # how a step's examples pick their concepts (concept.joint_sampling)
+    joint_shares: tuple[int, ...] = ()  # each concept's share of the examples (concept.joint_shares; () = equal)
     # SDXL's added conditioning (pooled text + time ids) of each prompt and of the empty prompt
     prompt_added: np.ndarray | None = None  # (P, A)
     uncond_added: np.ndarray | None = None  # (A,)
@@ -146,6 +147,10 @@ def joint_concepts(config) -> list[tuple[str, tuple[str, ...]]]:
     if config.concept.joint_sampling not in JOINT_SAMPLING:
         raise UserError(f"concept.joint_sampling must be one of {', '.join(JOINT_SAMPLING)}, "
                         f"got {config.concept.joint_sampling!r}")
+    shares = tuple(config.concept.joint_shares)
+    if shares and (len(shares) != len(out) or not all(isinstance(w, int) and w > 0 for w in shares)):
+        raise UserError(f"concept.joint_shares must be one whole number > 0 per concept.joint entry "
+                        f"({len(out)}), or empty; got {shares!r}")
     return out
 
 
@@ -189,7 +194,20 @@ def encode_prompts(bundle: Bundle, config) -> ConceptData:
     if joint:
         data.prompt_concept = np.asarray([k for k, (_, ps) in enumerate(joint) for _ in ps])
         data.joint_sampling = config.concept.joint_sampling
+        data.joint_shares = tuple(config.concept.joint_shares)
     return data
+
+
+def shared_turns(shares: tuple[int, ...]) -> np.ndarray:
+    """One cycle of ``balanced`` turns: concept k comes shares[k] times in sum(shares) examples, each
+    as evenly spread as it can be (every next turn goes to the concept furthest behind its share)."""
+    shares = np.asarray(shares, np.float64)
+    given, turns = np.zeros(len(shares)), []
+    for t in range(1, int(shares.sum()) + 1):
+        k = int(np.argmax(t * shares / shares.sum() - given))
+        given[k] += 1
+        turns.append(k)
+    return np.asarray(turns)
 
 
 def sample_batch(data: ConceptData, seed: int, stage: int, step: int, batch_size: int) -> Batch:
@@ -204,8 +222,13 @@ def sample_batch(data: ConceptData, seed: int, stage: int, step: int, batch_size
             images = data.image_embeds[rng.integers(0, len(data.image_embeds), batch_size)]
     else:
         count = int(data.prompt_concept.max()) + 1
-        if data.joint_sampling == "balanced":  # example j of step s: concept (s * B + j) mod K
-            concepts = (step * batch_size + np.arange(batch_size)) % count
+        shares = np.asarray(data.joint_shares or (1,) * count)
+        if data.joint_sampling == "balanced":  # example j of step s: turn (s * B + j) of the cycle of shares
+            turns = shared_turns(tuple(shares))
+            concepts = turns[(step * batch_size + np.arange(batch_size)) % len(turns)]
+        elif data.joint_shares:
+            size = 1 if data.joint_sampling == "per_step" else batch_size
+            concepts = np.broadcast_to(rng.choice(count, size, p=shares / shares.sum()), (batch_size,))
         elif data.joint_sampling == "per_step":
             concepts = np.full(batch_size, rng.integers(0, count))
         else:
