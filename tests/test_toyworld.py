@@ -182,6 +182,22 @@ def test_main_job_meets_the_issue_targets(tmp_path):
     assert co_erasing["other_change"]["change"] >= -0.05 and co_erasing["rates"]["named"]["n"] == 256
 
 
+@pytest.mark.slow  # ~15 min: configs/joint_toyworld.py as README runs it
+def test_joint_erasure_of_three_shapes_meets_the_issue_targets(tmp_path):
+    """Issue #21's thresholds on the test seeds, 256 images a group: circle, square and triangle erased
+    into one model of the six-shape world, each shown in <= 15 % of its named and <= 25 % of its
+    paraphrase images; cross, star and diamond each within 5 points of the original."""
+    report = _erase(tmp_path / "joint", 256, "--config", "configs/joint_toyworld.py")
+    original, joint = report["methods"]["original"], report["methods"]["co_erasing"]
+    assert report["concepts"] == ["circle", "square", "triangle"]
+    for shape, figures in joint["per_concept"].items():
+        assert original["per_concept"][shape]["erased_rate_named"] >= 0.9, shape
+        assert figures["named"]["n"] == figures["paraphrase"]["n"] == 256
+        assert figures["erased_rate_named"] <= 0.15 and figures["erased_rate_paraphrase"] <= 0.25, shape
+    for shape in ("cross", "star", "diamond"):
+        assert joint["remaining"][shape] >= original["remaining"][shape] - 0.05, shape
+
+
 @pytest.mark.slow  # ~2 min, compile-bound (six parts); kept out of the default run for its time budget
 def test_build_chain_writes_a_loadable_bundle_and_resumes_finished_parts(tmp_path):
     """A few steps of every part (not a useful model): the chain runs and its output loads like SD."""
