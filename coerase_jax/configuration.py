@@ -256,6 +256,9 @@ def base_config(source: str) -> ml_collections.ConfigDict:
         "iterations": 0,  # every point's iterations over all its stages (equal budget)
         "methods": (),  # ((name, ((key, value), ...), ((key, (value, ...)), ...)), ...): a recipe and its grid
         "max_collateral": 0.05,  # matched usability: the other classes lose at most this much accuracy
+        # a joint frontier's bounds on each erased shape's rates (each held shape: max_collateral)
+        "max_named": 0.15,
+        "max_paraphrase": 0.25,
     })
     config.report = ml_collections.ConfigDict({
         "kind": "",  # what `erase` reports after training: "" = nothing | toyworld (the small world's judge)

@@ -77,3 +77,47 @@ def test_wilson_paired_and_newcombe_intervals_by_hand():
     assert l1 == pytest.approx(0.3094, abs=1e-4) and u2 == pytest.approx(0.2888, abs=1e-4)
     assert d["difference"] == pytest.approx(0.2)
     assert d["ci95"] == pytest.approx([0.2 - np.hypot(0.4 - l1, u2 - 0.2), 0.2 + np.hypot(u1 - 0.4, 0.2 - l2)])
+
+
+def _joint_model(named, para, held_right, n=100):
+    """A judge_joint entry: erased shape -> (k named, k paraphrase), held shape -> (k right, k right originally)."""
+    return {"per_concept": {s: {"named": _rate(named[s], n), "paraphrase": _rate(para[s], n)} for s in named},
+            "remaining_rates": {s: _rate(k, n) for s, (k, _) in held_right.items()},
+            "remaining_change": {**{s: {"change": (k - k0) / n, "n": n, "ci95": [(k - k0) / n - 0.03, (k - k0) / n + 0.03]}
+                                    for s, (k, k0) in held_right.items()},
+                                 "all": {"change": -0.01, "n": 2 * n, "ci95": [-0.03, 0.01]}}}
+
+
+def test_joint_points_meet_the_bounds_only_when_every_shape_does_by_hand():
+    from coerase_jax.evaluate.frontier import Point, analyse_joint, format_joint_markdown
+
+    seeds = [Point("paper", (), (("text_stage.learning_rate", 2e-4), ("erase.seed", s))) for s in (0, 1)]
+    gentle = Point("paper", (), (("text_stage.learning_rate", 1e-4), ("erase.seed", 0)))
+    held = {"cross": (95, 97), "diamond": (90, 95)}
+    methods = {
+        "original": _joint_model({"circle": 99, "square": 100}, {"circle": 98, "square": 100},
+                                 {s: (k0, k0) for s, (_, k0) in held.items()}),
+        # every bound held: circle 15 named (= the bound), square 25 paraphrased (= the bound), diamond -5 points
+        seeds[0].name: _joint_model({"circle": 15, "square": 3}, {"circle": 20, "square": 25}, held),
+        # seed 1: the diamond loses 6 points -> fails; the worst over the two seeds is seed 1's
+        seeds[1].name: _joint_model({"circle": 9, "square": 2}, {"circle": 11, "square": 12},
+                                    {"cross": (96, 97), "diamond": (89, 95)}),
+        # every held shape within 1 point, but the square is paraphrased 26 % of the time -> fails
+        gentle.name: _joint_model({"circle": 14, "square": 10}, {"circle": 20, "square": 26},
+                                  {"cross": (97, 97), "diamond": (94, 95)}),
+    }
+    judged = {"concepts": ["circle", "square"], "methods": methods}
+    got = analyse_joint(judged, seeds + [gentle], max_named=0.15, max_paraphrase=0.25, max_collateral=0.05)
+    by_name = {r["name"]: r for r in got["points"]}
+    assert by_name[seeds[0].name]["worst"] == {"named": 0.15, "paraphrase": 0.25, "held_change": pytest.approx(-0.05)}
+    assert [by_name[p.name]["meets"] for p in seeds + [gentle]] == [True, False, False]
+    assert got["meeting"] == [seeds[0].name]
+    (group,) = got["over_seeds"]  # the gentle point has one seed: no spread to give
+    assert group["seeds"] == [0, 1] and group["knobs"] == {"text_stage.learning_rate": 2e-4}
+    assert group["worst_named"] == 0.15 and group["worst_paraphrase"] == 0.25
+    assert group["worst_held_change"] == pytest.approx(-0.06) and group["meets_every_seed"] is False
+    got["settings"] = {"iterations": 400, "split": "dev", "images_per_group": 100}
+    table = format_joint_markdown(got)
+    assert "| original | 99.0 (99) / 98.0 (98) | 100.0 (100) / 100.0 (100) | 97/100 right | 95/100 right |" in table
+    assert f"Points meeting every bound: {seeds[0].name}" in table
+    assert "held -6.0 points; meets the bounds on every seed: no" in table

@@ -355,6 +355,40 @@ def test_joint_report_figures_are_the_judges_fractions():
     assert "shows a triangle: paraphrases" in table and "50.0% (4/8)" in table and "star (not erased) right" in table
 
 
+def test_kept_joint_verdicts_are_reused_only_for_the_same_rows(tmp_path):
+    """A frontier rerun with more points judges only the new models: kept verdicts give the same
+    figures without sampling; other rows (another group size) are judged afresh."""
+    from coerase_jax.toyworld import report
+
+    six = world.SIX_SHAPES
+    of_noun = {noun: shape for shape in six.shapes for noun in six.nouns(shape)}
+
+    class Sampler:
+        calls = 0
+
+        def __call__(self, prompts, seeds, unet_params=None, **kwargs):
+            self.calls += 1
+            self.prompts, self.model = list(prompts), unet_params
+            return np.arange(len(prompts))
+
+    class Judge:
+        world = six
+
+        def __call__(self, images):  # the erased model draws no circle; the original draws every prompt right
+            shapes = [of_noun[" ".join(self.sampler.prompts[i].split()[2:])] for i in images]
+            shapes = ["none" if s == "circle" and self.sampler.model == "erased" else s for s in shapes]
+            return np.asarray(shapes, object), np.asarray([self.sampler.prompts[i].split()[1] for i in images], object)
+
+    sampler, judge = Sampler(), Judge()
+    judge.sampler = sampler
+    models = {"original": "original", "erased": "erased"}
+    judged = lambda n: report.judge_joint(sampler, judge, models, ["circle", "square"], n, "dev", False, tmp_path)
+    first = judged(8)
+    assert sampler.calls == 2 and first["methods"]["erased"]["per_concept"]["circle"]["named"]["k"] == 0
+    assert judged(8) == first and sampler.calls == 2  # both models' verdicts were kept
+    assert judged(4)["methods"]["original"]["per_concept"]["circle"]["named"]["n"] == 4 and sampler.calls == 4
+
+
 def test_plan_overrides_change_the_named_fields_and_refuse_unknown_ones():
     from coerase_jax.errors import UserError
     from coerase_jax.toyworld.train import TrainPlan

@@ -17,6 +17,11 @@ each method among those whose collateral is within ``frontier.max_collateral`` o
 Efficacy: the concept's rate for prompts naming it, for paraphrases, and under the attack (lower
 is better). Usability: the change in the other classes' accuracy from the original (paired, with
 its interval), FID vs the original and CLIP score on the rows not about the concept.
+
+A joint erasure (``concept.joint``, judged by the small world's classifier) is judged instead as
+its own report is: each erased shape's named and paraphrase rates and each held shape's paired
+change, and whether a point keeps every one within ``frontier.max_named``, ``max_paraphrase`` and
+``max_collateral`` (``frontier.md`` without a plot; each model's verdicts kept in ``out/eval/``).
 """
 
 from __future__ import annotations
@@ -105,16 +110,18 @@ def point_config(config, point: Point, out: Path):
 
 def run_frontier(config, bundle, out: str | Path, progress: bool = True, mesh=None) -> dict:
     """Trains (or resumes, or skips) every point, judges them all with the eval suite, writes the frontier."""
-    from coerase_jax.erase.trainer import final_params, plan_stages, run_erasure, stage_done
+    from coerase_jax.erase.trainer import (final_params, joint_reference_embeddings, plan_stages,
+                                           reference_embeddings, run_erasure, stage_done)
     from coerase_jax.evaluate.suite import evaluate_models
-
-    from coerase_jax.erase.trainer import reference_embeddings
 
     out = Path(out)
     points = plan_points(config)
     cfgs = [point_config(config, p, out) for p in points]
-    if not config.data.image_dir and not config.data.contrastive_dir:
-        reference_embeddings(config, bundle, out, progress, mesh)  # once, into out/references, for every point
+    if config.concept.joint:
+        _check_joint_judge(bundle)
+    if not config.data.image_dir and not config.data.contrastive_dir:  # once, into out/references, for every point
+        (joint_reference_embeddings if config.concept.joint else reference_embeddings)(config, bundle, out, progress,
+                                                                                        mesh)
     for i, (point, cfg) in enumerate(zip(points, cfgs)):
         finished = all(stage_done(s, Path(cfg.run_dir)) for s in plan_stages(cfg))
         print(f"[frontier] point {i + 1}/{len(points)} {point.name}: {'finished' if finished else 'training'}",
@@ -122,6 +129,8 @@ def run_frontier(config, bundle, out: str | Path, progress: bool = True, mesh=No
         if not finished:
             run_erasure(cfg, bundle, progress, mesh)
     models = {"original": bundle.unet_params, **{p.name: final_params(cfg, bundle) for p, cfg in zip(points, cfgs)}}
+    if config.concept.joint:
+        return _joint_frontier(config, bundle, models, points, out, progress)
     report = evaluate_models(config, bundle, models, out / "eval", mesh=mesh)
     frontier = analyse(report, points, config.frontier.max_collateral)
     frontier["settings"] = {"iterations": config.frontier.iterations, "split": config.report.split,
@@ -235,6 +244,116 @@ def over_seeds(rows: list[dict]) -> list[dict]:
                 summary[figure] = {"mean": float(np.mean(values)), "min": float(min(values)), "max": float(max(values))}
         out.append(summary)
     return out
+
+
+# --------------------------------------------------------------------------- joint erasure (the small world)
+
+
+def _check_joint_judge(bundle) -> None:
+    from coerase_jax.evaluate.suite import is_toyworld
+
+    if not is_toyworld(bundle):
+        raise UserError("a joint frontier (concept.joint) is judged by the small world's classifier: "
+                        "model.source must be a toy world")
+
+
+def _joint_frontier(config, bundle, models: dict, points: list[Point], out: Path, progress: bool) -> dict:
+    """Judges the original once and every point on each erased shape's named and paraphrase rows and
+    on the held shapes (``toyworld.report.compare_joint``, report and each model's verdicts in
+    ``out/eval/``: a rerun with more points judges only the new ones), then checks each point against
+    the bounds."""
+    from coerase_jax.toyworld import report
+
+    shapes = [name for name, _ in config.concept.joint]
+    judged = report.compare_joint(bundle, models, shapes, config.report, out / "eval", progress,
+                                   keep_verdicts=True)
+    f = config.frontier
+    frontier = analyse_joint(judged, points, f.max_named, f.max_paraphrase, f.max_collateral)
+    frontier["settings"] = {"iterations": f.iterations, **judged["settings"]}
+    if distributed.is_leader():
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / ".frontier.json.tmp"
+        tmp.write_text(json.dumps(frontier, indent=2))
+        tmp.replace(out / "frontier.json")
+        (out / "frontier.md").write_text(format_joint_markdown(frontier))
+    return frontier
+
+
+def joint_point_figures(m: dict, max_named: float, max_paraphrase: float, max_collateral: float) -> dict:
+    """One joint model's figures and its worst ones: the highest named and paraphrase rate over the
+    erased shapes, the largest loss over the held shapes; ``meets`` when all are within the bounds."""
+    changes = m.get("remaining_change", {})
+    held = {s: c for s, c in changes.items() if s != "all"}
+    worst = {"named": max(c["named"]["rate"] for c in m["per_concept"].values()),
+             "paraphrase": max(c["paraphrase"]["rate"] for c in m["per_concept"].values()),
+             "held_change": min((c["change"] for c in held.values()), default=None)}
+    meets = (worst["named"] <= max_named and worst["paraphrase"] <= max_paraphrase
+             and worst["held_change"] is not None and -worst["held_change"] <= max_collateral)
+    return {"per_concept": {s: {"named": c["named"], "paraphrase": c["paraphrase"]}
+                            for s, c in m["per_concept"].items()},
+            "held": m["remaining_rates"], "held_change": changes, "worst": worst, "meets": bool(meets)}
+
+
+def analyse_joint(judged: dict, points: list[Point], max_named: float, max_paraphrase: float,
+                  max_collateral: float) -> dict:
+    """Every point's per-shape figures and whether it meets the bounds; settings repeated over erasure
+    seeds get their worst figures over the seeds (a setting is only as good as its worst seed)."""
+    methods = judged["methods"]
+    figures = lambda m: joint_point_figures(m, max_named, max_paraphrase, max_collateral)
+    rows = [{"name": p.name, "method": p.method, "label": p.label, "knobs": dict(p.knobs), **figures(methods[p.name])}
+            for p in points]
+    original = methods["original"]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if "erase.seed" in r["knobs"]:
+            key = (r["method"],) + tuple(sorted((k, v) for k, v in r["knobs"].items() if k != "erase.seed"))
+            groups.setdefault(key, []).append(r)
+    over_seeds = [{"method": method, "knobs": dict(knobs), "seeds": [m["knobs"]["erase.seed"] for m in members],
+                   "worst_named": max(m["worst"]["named"] for m in members),
+                   "worst_paraphrase": max(m["worst"]["paraphrase"] for m in members),
+                   "worst_held_change": min(m["worst"]["held_change"] for m in members),
+                   "meets_every_seed": all(m["meets"] for m in members)}
+                  for (method, *knobs), members in groups.items() if len(members) > 1]
+    return {"concepts": judged["concepts"], "bounds": {"max_named": max_named, "max_paraphrase": max_paraphrase,
+                                                       "max_collateral": max_collateral},
+            "original": {"per_concept": {s: {"named": c["named"], "paraphrase": c["paraphrase"]}
+                                         for s, c in original["per_concept"].items()},
+                         "held": original["remaining_rates"]},
+            "points": rows, "over_seeds": over_seeds, "meeting": [r["name"] for r in rows if r["meets"]]}
+
+
+def format_joint_markdown(frontier: dict) -> str:
+    s, b = frontier["settings"], frontier["bounds"]
+    shapes, held = frontier["concepts"], list(frontier["original"]["held"])
+    count = lambda r: f"{100 * r['rate']:.1f} ({r['k']})"
+    lines = [f"# Joint frontier: erasing {', '.join(shapes)} into one model at {s['iterations']} iterations per point",
+             "",
+             f"Judged on the {s['split']} seeds, {s['images_per_group']} images a group. Erased shapes: % of the named / "
+             f"paraphrase images the judge calls that shape (k); held shapes: change in the images drawn right from "
+             f"the original's, paired, in points. Bounds: every erased shape <= {100 * b['max_named']:.0f} % named, "
+             f"<= {100 * b['max_paraphrase']:.0f} % paraphrased, every held shape within "
+             f"{100 * b['max_collateral']:.0f} points (point estimates).", "",
+             "| point | " + " | ".join(shapes) + " | " + " | ".join(held) + " | held, all | meets |",
+             "|---" * (len(shapes) + len(held) + 3) + "|"]
+    o = frontier["original"]
+    lines.append("| original | " + " | ".join(f"{count(o['per_concept'][c]['named'])} / "
+                                              f"{count(o['per_concept'][c]['paraphrase'])}" for c in shapes)
+                 + " | " + " | ".join(f"{o['held'][h]['k']}/{o['held'][h]['n']} right" for h in held) + " | – | – |")
+    for r in frontier["points"]:
+        lines.append(f"| {r['name']} | " + " | ".join(f"{count(r['per_concept'][c]['named'])} / "
+                                                      f"{count(r['per_concept'][c]['paraphrase'])}" for c in shapes)
+                     + " | " + " | ".join(stats.points(r["held_change"][h]) for h in held)
+                     + f" | {stats.points(r['held_change']['all'])} | {'yes' if r['meets'] else 'no'} |")
+    if frontier["over_seeds"]:
+        lines += ["", "Over erasure seeds, the worst seed's figures (highest erased rate, largest held loss):", ""]
+        for g in frontier["over_seeds"]:
+            knobs = " ".join(f"{k}={_short(v)}" for k, v in g["knobs"].items())
+            lines.append(f"- {g['method']} {knobs} (seeds {', '.join(map(str, g['seeds']))}): named "
+                         f"{100 * g['worst_named']:.1f} %, paraphrase {100 * g['worst_paraphrase']:.1f} %, held "
+                         f"{100 * g['worst_held_change']:+.1f} points; meets the bounds on every seed: "
+                         f"{'yes' if g['meets_every_seed'] else 'no'}")
+    lines += ["", f"Points meeting every bound: {', '.join(frontier['meeting']) or 'none'}"]
+    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------- files

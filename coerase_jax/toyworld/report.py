@@ -130,19 +130,19 @@ def joint_rows(shapes: list[str], images_per_group: int, split: str, of_world: w
 
 
 def judge_joint(sampler, judge: Judge, models: dict[str, dict], shapes: list[str], images_per_group: int, split: str,
-                progress: bool = True) -> dict:
+                progress: bool = True, verdicts_dir: Path | None = None) -> dict:
     """Each model's joint figures (the first model is the original): per erased shape the fractions
     of its named and paraphrase images the judge calls that shape; per shape not erased, the
-    fraction drawn right (shape and colour) and its paired change from the original's."""
+    fraction drawn right (shape and colour) and its paired change from the original's.
+    With ``verdicts_dir``, each model's verdicts are kept there by name and reused when its rows
+    are the same (the caller names the folder after the sampler's settings)."""
     remaining = [s for s in judge.world.shapes if s not in shapes]
     rows = joint_rows(shapes, images_per_group, split, judge.world)
     group = np.asarray([r.group_name for r in rows], object)
     held = np.isin(group, remaining)
     methods, baseline = {}, None
     for name, params in models.items():
-        images = sampler([r.prompt for r in rows], [r.seed for r in rows], unet_params=params, progress=progress,
-                         desc=f"judging {name}")
-        got_shape, got_colour = judge(images)
+        got_shape, got_colour = _verdicts(sampler, judge, params, rows, name, progress, verdicts_dir)
         right = drawn_right(rows, got_shape, got_colour)
         per_concept = {}
         for shape in shapes:
@@ -166,14 +166,37 @@ def judge_joint(sampler, judge: Judge, models: dict[str, dict], shapes: list[str
                          "seeds": [rows[0].seed, rows[-1].seed]}}
 
 
+def _verdicts(sampler, judge: Judge, params, rows: list[PromptRow], name: str, progress: bool,
+              verdicts_dir: Path | None) -> tuple[np.ndarray, np.ndarray]:
+    """The judge's (shape, colour) for each row's image by the model ``params``, or the kept ones."""
+    prompts, seeds = np.asarray([r.prompt for r in rows]), np.asarray([r.seed for r in rows])
+    kept = verdicts_dir / f"{name}.npz" if verdicts_dir is not None else None
+    if kept is not None and kept.is_file():
+        with np.load(kept) as f:
+            if np.array_equal(f["prompts"], prompts) and np.array_equal(f["seeds"], seeds):
+                return f["shape"].astype(object), f["colour"].astype(object)
+    images = sampler(list(prompts), [int(s) for s in seeds], unet_params=params, progress=progress,
+                     desc=f"judging {name}")
+    got_shape, got_colour = judge(images)
+    if kept is not None and distributed.is_leader():
+        verdicts_dir.mkdir(parents=True, exist_ok=True)
+        tmp = verdicts_dir / f".{name}.tmp.npz"
+        np.savez(tmp, prompts=prompts, seeds=seeds, shape=np.asarray(got_shape, str), colour=np.asarray(got_colour, str))
+        tmp.replace(kept)
+    return got_shape, got_colour
+
+
 def compare_joint(bundle, models: dict[str, dict], shapes: list[str], config_report, out_dir: str | Path,
-                  progress: bool = True) -> dict:
-    """``judge_joint`` with the world's sampler and judge; writes ``report.json`` to ``out_dir``."""
+                  progress: bool = True, keep_verdicts: bool = False) -> dict:
+    """``judge_joint`` with the world's sampler and judge; writes ``report.json`` to ``out_dir``.
+    ``keep_verdicts``: keep each model's verdicts in ``out_dir`` by name, for reruns that add models
+    (the frontier's points; a name must always mean the same model)."""
     out_dir = Path(out_dir)
     judge = Judge(presets.source_folder(bundle.source))
     sampler = Sampler(bundle, config_report.steps, config_report.guidance_scale, batch_size=64)
+    kept = out_dir / f"verdicts-steps{config_report.steps}-cfg{config_report.guidance_scale:g}" if keep_verdicts else None
     report = judge_joint(sampler, judge, models, shapes, config_report.images_per_group, config_report.split,
-                         progress)
+                         progress, kept)
     report["settings"].update(steps=config_report.steps, guidance_scale=config_report.guidance_scale)
     if distributed.is_leader():
         out_dir.mkdir(parents=True, exist_ok=True)
