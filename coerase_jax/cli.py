@@ -93,7 +93,7 @@ def cmd_sweep(args, config) -> None:
 
 
 def cmd_frontier(args, config) -> None:
-    from coerase_jax.evaluate.frontier import format_markdown, run_frontier
+    from coerase_jax.evaluate.frontier import format_joint_markdown, format_markdown, run_frontier
     from coerase_jax.models.bundle import load_bundle_from_config
     from coerase_jax.parallel import distributed
     from coerase_jax.parallel.mesh import make_mesh
@@ -102,8 +102,10 @@ def cmd_frontier(args, config) -> None:
     bundle = load_bundle_from_config(config.model)
     frontier = run_frontier(config, bundle, Path(args.out), mesh=make_mesh(dict(config.mesh)))
     if distributed.is_leader():
-        print(format_markdown(frontier))
-        print(f"wrote {args.out}/frontier.json, frontier.md and frontier.png in {time.perf_counter() - start:.0f}s")
+        joint = bool(config.concept.joint)
+        print((format_joint_markdown if joint else format_markdown)(frontier))
+        print(f"wrote {args.out}/frontier.json, frontier.md{'' if joint else ' and frontier.png'} "
+              f"in {time.perf_counter() - start:.0f}s")
 
 
 def report_toyworld(config, bundle, out: Path) -> None:

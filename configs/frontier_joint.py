@@ -33,5 +33,12 @@ def get_config():
          (("text_stage.learning_rate", (1e-4, 1.5e-4)), ("image_stage.learning_rate", (1e-4,)))),
         ("text_heavy", paper,
          (("text_stage.learning_rate", (2.5e-4,)), ("image_stage.learning_rate", (5e-5,)))),
+        # second round: 16 examples a step, less of them for the over-erased triangle; erasure seeds
+        ("batch16_shares421", paper + (("erase.batch_size", 16), ("concept.joint_shares", (4, 2, 1))),
+         (("text_stage.learning_rate", (1.25e-4, 1.5e-4)), ("image_stage.learning_rate", (1e-4,)))),
+        ("batch16_shares321", paper + (("erase.batch_size", 16), ("concept.joint_shares", (3, 2, 1))),
+         (("text_stage.learning_rate", (1.5e-4,)), ("image_stage.learning_rate", (1e-4,)))),
+        ("batch16_seeds", paper + (("erase.batch_size", 16),),
+         (("text_stage.learning_rate", (1.5e-4,)), ("image_stage.learning_rate", (1e-4,)), ("erase.seed", (1,)))),
     )
     return config

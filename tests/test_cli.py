@@ -42,3 +42,28 @@ def test_eval_without_a_prompt_file_or_with_an_unfinished_run_is_a_one_line_erro
     code = main(["eval", "--config", "configs/tiny.py", "--run", str(tmp_path / "nothing"), "--out",
                  str(tmp_path / "e"), f"--config.eval.prompts={csv}"])
     assert code == 2 and "not a run directory" in capsys.readouterr().err
+
+
+def test_a_joint_frontier_trains_judges_and_marks_its_points(tmp_path, capsys):
+    """`coerase frontier` on a joint erasure, end to end at toy size: references per concept, every
+    point trained, each model judged once as the joint report is, frontier.md printed and written;
+    a rerun judges nothing again (its kept verdicts)."""
+    out = tmp_path / "frontier"
+    args = ["frontier", "--config", "configs/frontier_joint.py", "--out", str(out),
+            "--config.frontier.iterations=2", "--config.report.images_per_group=2", "--config.report.split=dev",
+            "--config.report.steps=2", "--config.data.num_references=2", "--config.data.reference_steps=2",
+            "--config.erase.ddim_steps=2",
+            "--config.frontier.methods=(('tiny', (('text_stage.steps', 1), ('image_stage.steps', 1)), "
+            "(('text_stage.learning_rate', (1e-4, 2e-4)),)),)"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    for shape in ("circle", "square", "triangle"):
+        assert len(list((out / "references" / shape).glob("*.png"))) == 2
+    frontier = json.loads((out / "frontier.json").read_text())
+    assert [p["name"] for p in frontier["points"]] == ["tiny_text_lr=0.0001", "tiny_text_lr=0.0002"]
+    assert frontier["settings"]["images_per_group"] == 2 and frontier["concepts"] == ["circle", "square", "triangle"]
+    assert set(frontier["original"]["held"]) == {"cross", "star", "diamond"}
+    kept = sorted(p.name for p in (out / "eval").glob("verdicts-*/*.npz"))
+    assert kept == ["original.npz", "tiny_text_lr=0.0001.npz", "tiny_text_lr=0.0002.npz"]
+    assert "| tiny_text_lr=0.0002 |" in printed and (out / "frontier.md").read_text() in printed
+    assert main(args) == 0 and "judging" not in capsys.readouterr().err
