@@ -40,5 +40,25 @@ def get_config():
          (("text_stage.learning_rate", (1.5e-4,)), ("image_stage.learning_rate", (1e-4,)))),
         ("batch16_seeds", paper + (("erase.batch_size", 16),),
          (("text_stage.learning_rate", (1.5e-4,)), ("image_stage.learning_rate", (1e-4,)), ("erase.seed", (1,)))),
+        # third round: a gentler target (negative guidance eta) at 16 examples a step
+        ("batch16_eta", paper + (("erase.batch_size", 16),),
+         (("erase.eta", (0.5, 0.0)), ("text_stage.learning_rate", (1.5e-4,)), ("image_stage.learning_rate", (1e-4,)))),
+        ("batch16_text_heavy", paper + (("erase.batch_size", 16),),
+         (("text_stage.learning_rate", (2e-4,)), ("image_stage.learning_rate", (5e-5,)))),
+        # fourth round: eta 0.5 held the diamond best for its erasure; a little more learning rate
+        ("batch16_eta0.5", paper + (("erase.batch_size", 16), ("erase.eta", 0.5)),
+         (("text_stage.learning_rate", (1.75e-4, 2e-4)), ("image_stage.learning_rate", (1e-4,)))),
+        ("batch16_eta0.5_image", paper + (("erase.batch_size", 16), ("erase.eta", 0.5)),
+         (("text_stage.learning_rate", (1.5e-4,)), ("image_stage.learning_rate", (1.25e-4,)))),
+        ("batch16_eta0.25", paper + (("erase.batch_size", 16), ("erase.eta", 0.25)),
+         (("text_stage.learning_rate", (2e-4,)), ("image_stage.learning_rate", (1.25e-4,)))),
+        # fifth round: z_t from the frozen teacher (always the concept's own pictures), and the
+        # refinement without the padding tokens, at the best eta 0.5 point
+        ("batch16_eta0.5_knobs", paper + (("erase.batch_size", 16), ("erase.eta", 0.5),
+                                          ("text_stage.learning_rate", 1.75e-4), ("image_stage.learning_rate", 1e-4)),
+         (("erase.zt_sampler", ("teacher",)),)),
+        ("batch16_eta0.5_knobs", paper + (("erase.batch_size", 16), ("erase.eta", 0.5),
+                                          ("text_stage.learning_rate", 1.75e-4), ("image_stage.learning_rate", 1e-4)),
+         (("erase.refine_mask_padding", (True,)),)),
     )
     return config

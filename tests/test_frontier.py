@@ -21,6 +21,13 @@ def test_every_point_spends_the_same_budget(tmp_path):
         cfg = point_config(config, point, tmp_path)
         assert cfg.run_dir == str(tmp_path / "points" / point.name)
         assert cfg.data.image_dir == str(tmp_path / "references")  # generated once, shared
+    with config.unlocked():  # every kind of setting arrives as it was written
+        config.frontier.methods = (("kinds", (("erase.anchor_prompt", "a square"), ("erase.stages", ("text", "image")),
+                                              ("erase.refine_mask_padding", True), ("image_stage.steps", 250)),
+                                    (("text_stage.learning_rate", (1.5e-4,)), ("text_stage.steps", (150,)))),)
+    cfg = point_config(config, plan_points(config)[0], tmp_path)
+    assert (cfg.erase.anchor_prompt, cfg.erase.stages, cfg.erase.refine_mask_padding) == ("a square", ("text", "image"), True)
+    assert (cfg.text_stage.learning_rate, cfg.text_stage.steps) == (1.5e-4, 150)
     with config.unlocked():
         config.frontier.methods = (("short", (("erase.stages", ("text",)), ("text_stage.steps", 399)), ()),)
     with pytest.raises(UserError, match="399 iterations, not frontier.iterations = 400"):

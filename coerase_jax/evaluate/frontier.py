@@ -91,6 +91,12 @@ def plan_points(config) -> list[Point]:
     return points
 
 
+def _as_override(value) -> str:
+    """A setting as ``--config.key=`` text: a string as it is (its repr would keep the quotes), the
+    rest as Python literals."""
+    return value if isinstance(value, str) else repr(value)
+
+
 def point_config(config, point: Point, out: Path):
     """The frontier's config with the point's settings and run directory; its budget is checked.
     Generated reference images are shared: every point reads them from ``out/references``."""
@@ -99,7 +105,7 @@ def point_config(config, point: Point, out: Path):
     shared = [] if config.data.image_dir or config.data.contrastive_dir else [
         f"{OVERRIDE_PREFIX}data.image_dir={out / 'references'}"]
     cfg = apply_overrides(config.copy_and_resolve_references(),
-                          [f"{OVERRIDE_PREFIX}{key}={value!r}" for key, value in point.fixed + point.knobs]
+                          [f"{OVERRIDE_PREFIX}{key}={_as_override(value)}" for key, value in point.fixed + point.knobs]
                           + [f"{OVERRIDE_PREFIX}run_dir={out / 'points' / point.name}"] + shared)
     spent = sum(stage.steps for stage in plan_stages(cfg))
     if spent != config.frontier.iterations:
