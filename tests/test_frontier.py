@@ -128,3 +128,21 @@ def test_joint_points_meet_the_bounds_only_when_every_shape_does_by_hand():
     assert "| original | 99.0 (99) / 98.0 (98) | 100.0 (100) / 100.0 (100) | 97/100 right | 95/100 right |" in table
     assert f"Points meeting every bound: {seeds[0].name}" in table
     assert "held -6.0 points; meets the bounds on every seed: no" in table
+
+
+def test_a_setting_over_erasure_seeds_gives_its_mean_and_range_by_hand():
+    from coerase_jax.evaluate.frontier import over_seeds
+
+    def row(method, lr, seed, named_k, change):
+        return {"method": method, "knobs": {"text_stage.learning_rate": lr, "erase.seed": seed},
+                "named": _rate(named_k, 100), "paraphrase": _rate(2 * named_k, 100), "attack": None,
+                "other_change": {"change": change}}
+
+    rows = [row("paper", 2e-4, 0, 10, -0.02), row("paper", 2e-4, 1, 16, -0.05), row("paper", 2e-4, 2, 4, -0.03),
+            row("paper", 4e-4, 0, 1, -0.09), row("other", 2e-4, 0, 30, 0.0)]  # one seed each: no spread
+    (got,) = over_seeds(rows)
+    assert got["method"] == "paper" and got["knobs"] == {"text_stage.learning_rate": 2e-4} and got["seeds"] == [0, 1, 2]
+    assert got["named"] == pytest.approx({"mean": 0.10, "min": 0.04, "max": 0.16})
+    assert got["paraphrase"] == pytest.approx({"mean": 0.20, "min": 0.08, "max": 0.32})
+    assert got["other_change"] == pytest.approx({"mean": -0.10 / 3, "min": -0.05, "max": -0.02})
+    assert "attack" not in got  # not measured

@@ -229,16 +229,21 @@ def analyse(report: dict, points: list[Point], max_collateral: float) -> dict:
             "gaps": gaps, "over_seeds": over_seeds(rows)}
 
 
-def over_seeds(rows: list[dict]) -> list[dict]:
-    """Settings repeated over several erasure seeds (``erase.seed`` among the knobs): each figure's
-    mean, smallest and largest over the seeds — a figure that moves with the seed is not a result."""
+def _seed_groups(rows: list[dict]) -> dict[tuple, list[dict]]:
+    """The points with ``erase.seed`` among their knobs, grouped by method and their other knobs."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if "erase.seed" in r["knobs"]:
             key = (r["method"],) + tuple(sorted((k, v) for k, v in r["knobs"].items() if k != "erase.seed"))
             groups.setdefault(key, []).append(r)
+    return groups
+
+
+def over_seeds(rows: list[dict]) -> list[dict]:
+    """Settings repeated over several erasure seeds (``erase.seed`` among the knobs): each figure's
+    mean, smallest and largest over the seeds — a figure that moves with the seed is not a result."""
     out = []
-    for (method, *knobs), members in groups.items():
+    for (method, *knobs), members in _seed_groups(rows).items():
         if len(members) < 2:
             continue
         summary = {"method": method, "knobs": dict(knobs), "seeds": [m["knobs"]["erase.seed"] for m in members]}
@@ -309,17 +314,12 @@ def analyse_joint(judged: dict, points: list[Point], max_named: float, max_parap
     rows = [{"name": p.name, "method": p.method, "label": p.label, "knobs": dict(p.knobs), **figures(methods[p.name])}
             for p in points]
     original = methods["original"]
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        if "erase.seed" in r["knobs"]:
-            key = (r["method"],) + tuple(sorted((k, v) for k, v in r["knobs"].items() if k != "erase.seed"))
-            groups.setdefault(key, []).append(r)
     over_seeds = [{"method": method, "knobs": dict(knobs), "seeds": [m["knobs"]["erase.seed"] for m in members],
                    "worst_named": max(m["worst"]["named"] for m in members),
                    "worst_paraphrase": max(m["worst"]["paraphrase"] for m in members),
                    "worst_held_change": min(m["worst"]["held_change"] for m in members),
                    "meets_every_seed": all(m["meets"] for m in members)}
-                  for (method, *knobs), members in groups.items() if len(members) > 1]
+                  for (method, *knobs), members in _seed_groups(rows).items() if len(members) > 1]
     return {"concepts": judged["concepts"], "bounds": {"max_named": max_named, "max_paraphrase": max_paraphrase,
                                                        "max_collateral": max_collateral},
             "original": {"per_concept": {s: {"named": c["named"], "paraphrase": c["paraphrase"]}
