@@ -30,6 +30,8 @@ def get_config():
     config.frontier.iterations = ITERATIONS
     paper = (("erase.stages", ("text", "image")), ("text_stage.steps", ITERATIONS // 2),
              ("image_stage.steps", ITERATIONS // 2))
+    best_eta = paper + (("erase.batch_size", 16), ("erase.eta", 0.5), ("text_stage.learning_rate", 1.75e-4),
+                        ("image_stage.learning_rate", 1e-4))
     config.frontier.methods = (
         ("shares311", paper + (("concept.joint_shares", (3, 1, 1)),),
          (("text_stage.learning_rate", (1.5e-4, 1.75e-4)), ("image_stage.learning_rate", (1e-4,)))),
@@ -58,11 +60,7 @@ def get_config():
          (("text_stage.learning_rate", (2e-4,)), ("image_stage.learning_rate", (1.25e-4,)))),
         # fifth round: z_t from the frozen teacher (always the concept's own pictures), and the
         # refinement without the padding tokens, at the best eta 0.5 point
-        ("batch16_eta0.5_knobs", paper + (("erase.batch_size", 16), ("erase.eta", 0.5),
-                                          ("text_stage.learning_rate", 1.75e-4), ("image_stage.learning_rate", 1e-4)),
-         (("erase.zt_sampler", ("teacher",)),)),
-        ("batch16_eta0.5_knobs", paper + (("erase.batch_size", 16), ("erase.eta", 0.5),
-                                          ("text_stage.learning_rate", 1.75e-4), ("image_stage.learning_rate", 1e-4)),
-         (("erase.refine_mask_padding", (True,)),)),
+        ("batch16_eta0.5_knobs", best_eta, (("erase.zt_sampler", ("teacher",)),)),
+        ("batch16_eta0.5_knobs", best_eta, (("erase.refine_mask_padding", (True,)),)),
     )
     return config

@@ -282,11 +282,7 @@ def _joint_frontier(config, bundle, models: dict, points: list[Point], out: Path
     frontier = analyse_joint(judged, points, f.max_named, f.max_paraphrase, f.max_collateral)
     frontier["settings"] = {"iterations": f.iterations, **judged["settings"]}
     if distributed.is_leader():
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / ".frontier.json.tmp"
-        tmp.write_text(json.dumps(frontier, indent=2))
-        tmp.replace(out / "frontier.json")
-        (out / "frontier.md").write_text(format_joint_markdown(frontier))
+        write_frontier(frontier, out, joint=True)
     return frontier
 
 
@@ -438,10 +434,12 @@ def plot_frontier(frontier: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_frontier(frontier: dict, out: Path) -> None:
+def write_frontier(frontier: dict, out: Path, joint: bool = False) -> None:
+    """frontier.json (written whole or not at all), frontier.md and, for one concept, frontier.png."""
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".frontier.json.tmp"
     tmp.write_text(json.dumps(frontier, indent=2))
     tmp.replace(out / "frontier.json")
-    (out / "frontier.md").write_text(format_markdown(frontier))
-    plot_frontier(frontier, out / "frontier.png")
+    (out / "frontier.md").write_text((format_joint_markdown if joint else format_markdown)(frontier))
+    if not joint:
+        plot_frontier(frontier, out / "frontier.png")
