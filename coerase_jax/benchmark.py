@@ -167,7 +167,10 @@ def run_bench(config, compile_only: bool = False) -> dict[str, Any]:
                   jax.ShapeDtypeStruct((batch_size, shapes.text_len, d), f32),
                   jax.ShapeDtypeStruct((batch_size, shapes.text_len), jnp.bool_),
                   jax.ShapeDtypeStruct((batch_size, shapes.embed_dim), f32) if settings.use_image else None,
-                  added, added)
+                  added, added,
+                  # the kept prompts of a preservation term (erase.preserve_weight > 0)
+                  *((jax.ShapeDtypeStruct((batch_size, shapes.text_len, d), f32), added)
+                    if settings.preserve_weight > 0 else ()))
 
     concepts = config.bench.concepts
     if concepts > 1:  # K concepts side by side: each its own trainable part, optimizer state and batch

@@ -115,11 +115,13 @@ def report_toyworld(config, bundle, out: Path) -> None:
 
     models = {"original": bundle.unet_params, **stage_models(config, bundle)}
     if config.concept.joint:
-        result = report.compare_joint(bundle, models, [name for name, _ in config.concept.joint], config.report, out)
+        result = report.compare_joint(bundle, models, [name for name, _ in config.concept.joint], config.report, out,
+                                      preserved=tuple(config.concept.preserve))
         print(report.format_joint_table(result))
         print(f"wrote {out / 'report.json'}")
         return
-    result = report.compare(bundle, models, config.concept.name, config.report, out)
+    result = report.compare(bundle, models, config.concept.name, config.report, out,
+                            preserved=tuple(config.concept.preserve))
     print(report.format_table(result))
     print(f"wrote {out / 'report.json'} and {out / 'grid.png'}")
 

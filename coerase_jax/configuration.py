@@ -179,6 +179,10 @@ def base_config(source: str) -> ml_collections.ConfigDict:
         # single erasure's steps)
         "joint_steps_exponent": 0.0,
         "joint_lr_exponent": 0.0,
+        # DEPARTURE FROM THE PAPER when set (off by default): prompts whose pictures must be kept
+        # (held concepts); each example also pulls the trainee's prediction for one of them back to
+        # the teacher's (erase.preserve_weight). What they name is then seen by the erasure.
+        "preserve": (),
     })
     config.data = ml_collections.ConfigDict({
         "image_dir": "",  # a folder of reference images ("" = generate them into run_dir/references)
@@ -201,6 +205,8 @@ def base_config(source: str) -> ml_collections.ConfigDict:
         # place in the target eps_0(c_0) - eta (eps_0(c) - eps_0(c_0)) and in z_t's guidance: erased
         # prompts are steered to the anchor's pictures (e.g. "a square") instead of to textures.
         "anchor_prompt": "",
+        # lambda of the preservation term (concept.preserve): loss = erasure + lambda * preservation
+        "preserve_weight": 0.0,
         "text_uncond": True,  # unconditional teacher term without image tokens (the paper's setting)
         "zt_sampler": "trainee",  # which UNet samples z_t: trainee (ESD, Co-Erasing) | teacher
         "zt_guidance": 1.0,  # CFG scale while sampling z_t (1.0 = none, as Co-Erasing; ESD used 3)

@@ -60,6 +60,13 @@ def erasure_loss(eps_trainee: Array, target: Array) -> Array:
     return jnp.mean((eps_trainee.astype(jnp.float32) - jax.lax.stop_gradient(target).astype(jnp.float32)) ** 2)
 
 
+def preservation_loss(eps_trainee_kept: Array, eps_teacher_kept: Array) -> Array:
+    """|| eps_theta(z_t, t, c_p) - stopgrad(eps_0(z_t, t, c_p)) ||^2 for a kept prompt c_p: its
+    prediction stays the teacher's. A DEPARTURE FROM THE PAPER (off by default), used with weight
+    lambda: loss = erasure + lambda * preservation."""
+    return erasure_loss(eps_trainee_kept, eps_teacher_kept)
+
+
 def bin_timestep(key: Array, index: Array, num_ddim_steps: int, batch: int, num_train_timesteps: int) -> Array:
     """The reference's pairing: t ~ U[i T/N, (i+1) T/N) for DDIM index i (a known quirk, kept as an option)."""
     low = (index * num_train_timesteps) // num_ddim_steps

@@ -7,6 +7,8 @@
     c_img = refine(ImageProj(e), c_guide) + noise           (image stage only)
     eps_c, eps_u = teacher(z_t, t, [c; c_img]), teacher(z_t, t, [c_0; c_img or nothing])
     loss  = || trainee(z_t, t, [c; c_img]) - (eps_u - eta (eps_c - eps_u)) ||^2
+          (+ lambda || trainee(z_t, t, c_p) - teacher(z_t, t, c_p) ||^2 for a kept prompt c_p, when
+           erase.preserve_weight > 0: a departure; the same z_t and t, text only)
 
 The loss stays in the model's own output space: for a v-prediction model (SD 2.x) every "eps" here
 is a velocity, and since the target is linear in the teacher's outputs it is the same ESD target
@@ -54,6 +56,8 @@ class Batch(NamedTuple):
     image_embeds: jax.Array | None  # (B, E) CLIP image embeddings; None in the text stage
     added: jax.Array | None = None  # (B, A) SDXL's added conditioning of the concept prompt; None otherwise
     uncond_added: jax.Array | None = None  # (B, A) the empty prompt's
+    kept_text: jax.Array | None = None  # (B, L, D) a prompt to preserve per example (concept.preserve); None: off
+    kept_added: jax.Array | None = None  # (B, A) its SDXL added conditioning; None otherwise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +81,9 @@ class StepSettings:
     # trajectory, at independent DDIM indices, and use them all in the step's loss; the z_t loop
     # (the dominant cost) then runs once per K loss examples.
     snapshots_per_trajectory: int = 1
+    # DEPARTURE FROM THE PAPER when > 0 (off by default): lambda of the preservation term on the
+    # batch's kept prompts (Batch.kept_text)
+    preserve_weight: float = 0.0
     seed: int = 0
     stage: int = 0  # the stage's index in the run: its own random stream (streams.py)
 
@@ -89,6 +96,8 @@ class StepSettings:
             raise UserError(f"erase.blur_kernel must be 0 or an odd size >= 3, got {self.blur_kernel}")
         if self.snapshots_per_trajectory < 1:
             raise UserError("erase.snapshots_per_trajectory must be at least 1")
+        if self.preserve_weight < 0:
+            raise UserError(f"erase.preserve_weight must be 0 (off) or positive, got {self.preserve_weight}")
         if self.embed_noise_kind not in ("uniform", "gaussian"):
             raise UserError(f"erase.embed_noise_kind must be uniform or gaussian, got {self.embed_noise_kind!r}")
 
@@ -160,19 +169,31 @@ def build_step(unet: UNet, image_proj: ImageProjection | None, plan: SamplingPla
         eps_cond, eps_uncond = teacher_terms(eps, compute(teacher), z, t, batch.text, batch.uncond_text,
                                              image_tokens, s, batch.added, batch.uncond_added)
         target = method.negative_guidance_target(eps_uncond, eps_cond, s.eta)
+        preserve = s.preserve_weight > 0
+        if preserve and batch.kept_text is None:
+            raise UserError("erase.preserve_weight > 0 needs prompts to keep (concept.preserve)")
+        if preserve:  # the kept prompts' own teacher predictions, text only, at the same z_t and t
+            kept_target = jax.lax.stop_gradient(
+                eps(compute(teacher), z, t, batch.kept_text, **added_keyword(batch.kept_added)))
 
         def loss_fn(trainable):
-            prediction = eps(compute(compose(trainable, frozen)), z, t, batch.text, image_tokens,
-                             s.image_scale, **added_keyword(batch.added))
-            return method.erasure_loss(prediction, target)
+            params = compute(compose(trainable, frozen))
+            prediction = eps(params, z, t, batch.text, image_tokens, s.image_scale, **added_keyword(batch.added))
+            erasure = method.erasure_loss(prediction, target)
+            if not preserve:
+                return erasure, {}
+            kept = eps(params, z, t, batch.kept_text, **added_keyword(batch.kept_added))
+            preservation = method.preservation_loss(kept, kept_target)
+            return erasure + s.preserve_weight * preservation, {"erasure_loss": erasure,
+                                                                "preservation_loss": preservation}
 
-        loss, grads = jax.value_and_grad(loss_fn)(state.trainable)
+        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.trainable)
         if mesh is not None:
             grads = jax.lax.with_sharding_constraint(grads, mesh_lib.tree_shardings(grads, mesh))
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "ddim_index": index,
-                   "timestep": t[0]}
+                   "timestep": t[0], **parts}
         return TrainState(state.step + 1, trainable, opt_state), metrics
 
     return step
@@ -271,6 +292,6 @@ def jit_step(step_fn, mesh, state, frozen, teacher, proj_params, batch: Batch, d
     batch_sh = jax.tree_util.tree_map(lambda _: mesh_lib.batch_sharding(mesh), batch)
     in_shardings = (state_sh, mesh_lib.tree_shardings(frozen, mesh), mesh_lib.tree_shardings(teacher, mesh),
                     mesh_lib.tree_shardings(proj_params, mesh), batch_sh)
-    metrics_sh = {"loss": rep, "grad_norm": rep, "ddim_index": rep, "timestep": rep}
-    return jax.jit(step_fn, in_shardings=in_shardings, out_shardings=(state_sh, metrics_sh),
+    # every metric is a replicated scalar (one sharding for the whole dict, whatever its keys)
+    return jax.jit(step_fn, in_shardings=in_shardings, out_shardings=(state_sh, rep),
                    donate_argnums=(0,) if donate else ())

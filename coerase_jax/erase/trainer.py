@@ -74,7 +74,8 @@ def plan_stages(config) -> list[Stage]:
             # the blur is the image stage's (the reference's text stage never blurs z_t)
             blur_kernel=e.blur_kernel if image else 0, blur_sigma=e.blur_sigma, refine=e.refine,
             embed_noise=e.embed_noise, embed_noise_kind=e.embed_noise_kind, image_scale=e.image_scale,
-            snapshots_per_trajectory=e.snapshots_per_trajectory, seed=e.seed, stage=index)
+            snapshots_per_trajectory=e.snapshots_per_trajectory, preserve_weight=float(e.preserve_weight),
+            seed=e.seed, stage=index)
         if section.steps < 1:
             raise UserError(f"{name}_stage.steps must be positive")
         if e.lora_rank < 0:
@@ -129,6 +130,9 @@ class ConceptData:
     # SDXL's added conditioning (pooled text + time ids) of each prompt and of the empty prompt
     prompt_added: np.ndarray | None = None  # (P, A)
     uncond_added: np.ndarray | None = None  # (A,)
+    # concept.preserve: the prompts whose predictions are kept (None: no preservation term)
+    kept_states: np.ndarray | None = None  # (Q, L, D)
+    kept_added: np.ndarray | None = None  # (Q, A)
 
 
 def joint_concepts(config) -> list[tuple[str, tuple[str, ...]]]:
@@ -191,11 +195,31 @@ def encode_prompts(bundle: Bundle, config) -> ConceptData:
         masks = np.ones(mask_ids.shape, bool)
     data = ConceptData(np.asarray(states), np.asarray(uncond)[0], np.asarray(guide_states), masks, None,
                        prompt_added=added, uncond_added=None if uncond_added is None else uncond_added[0])
+    kept = preserved_prompts(config)
+    if kept:
+        kept_states, kept_added = jax.device_get(encode(bundle.text_params, bundle.tokenize(kept)))
+        data.kept_states = np.asarray(kept_states)
+        data.kept_added = None if kept_added is None else np.asarray(kept_added)
     if joint:
         data.prompt_concept = np.asarray([k for k, (_, ps) in enumerate(joint) for _ in ps])
         data.joint_sampling = config.concept.joint_sampling
         data.joint_shares = tuple(config.concept.joint_shares)
     return data
+
+
+def preserved_prompts(config) -> list[str]:
+    """``concept.preserve``, checked against ``erase.preserve_weight`` (each needs the other) and
+    against the prompts being erased (a prompt cannot be both)."""
+    kept = config.concept.preserve
+    if isinstance(kept, str) or not all(isinstance(p, str) and p for p in kept):
+        raise UserError(f"concept.preserve must be a tuple of prompts, got {kept!r}")
+    if bool(kept) != (config.erase.preserve_weight > 0):
+        raise UserError("concept.preserve and erase.preserve_weight go together: give both prompts to keep "
+                        f"and a weight > 0, or neither (got {len(kept)} prompts, weight {config.erase.preserve_weight})")
+    erased = {p for _, ps in joint_concepts(config) for p in ps} or set(config.concept.prompts)
+    if both := sorted(erased.intersection(kept)):
+        raise UserError(f"concept.preserve keeps prompts that are being erased: {', '.join(both)}")
+    return list(kept)
 
 
 def shared_turns(shares: tuple[int, ...]) -> np.ndarray:
@@ -241,8 +265,13 @@ def sample_batch(data: ConceptData, seed: int, stage: int, step: int, batch_size
     if data.prompt_added is not None:
         added = data.prompt_added[p]
         uncond_added = np.broadcast_to(data.uncond_added, added.shape)
+    kept_text = kept_added = None
+    if data.kept_states is not None:  # drawn last, so the erasure's own draws are those of a run without
+        q = rng.integers(0, len(data.kept_states), batch_size)
+        kept_text = data.kept_states[q]
+        kept_added = None if data.kept_added is None else data.kept_added[q]
     return Batch(data.prompt_states[p], np.broadcast_to(data.uncond_states, data.prompt_states[p].shape),
-                 data.guide_states[p], data.guide_masks[p], images, added, uncond_added)
+                 data.guide_states[p], data.guide_masks[p], images, added, uncond_added, kept_text, kept_added)
 
 
 def put_batch(batch: Batch, mesh) -> Batch:

@@ -88,9 +88,10 @@ def evaluate(sampler: Sampler, judge: Judge, unet_params, shape: str, images_per
 
 
 def compare(bundle, models: dict[str, dict], shape: str, config_report, out_dir: str | Path,
-            progress: bool = True) -> dict:
+            progress: bool = True, preserved: tuple[str, ...] = ()) -> dict:
     """Evaluates each named UNet (the first is the original), writes ``report.json`` and
-    ``grid.png`` to ``out_dir``; returns the report."""
+    ``grid.png`` to ``out_dir``; returns the report. ``preserved``: the prompts a preservation term kept
+    (concept.preserve), recorded because what they name was seen by the erasure."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     judge = Judge(presets.source_folder(bundle.source))
@@ -110,7 +111,7 @@ def compare(bundle, models: dict[str, dict], shape: str, config_report, out_dir:
     report = {"concept": shape, "methods": methods,
               "settings": {"images_per_group": config_report.images_per_group, "split": config_report.split,
                            "seeds": [start, start + count - 1], "steps": config_report.steps,
-                           "guidance_scale": config_report.guidance_scale}}
+                           "guidance_scale": config_report.guidance_scale, "preserved": list(preserved)}}
     if distributed.is_leader():
         tmp = out_dir / ".report.json.tmp"
         tmp.write_text(json.dumps(report, indent=2))
@@ -187,17 +188,18 @@ def _verdicts(sampler, judge: Judge, params, rows: list[PromptRow], name: str, p
 
 
 def compare_joint(bundle, models: dict[str, dict], shapes: list[str], config_report, out_dir: str | Path,
-                  progress: bool = True, keep_verdicts: bool = False) -> dict:
+                  progress: bool = True, keep_verdicts: bool = False, preserved: tuple[str, ...] = ()) -> dict:
     """``judge_joint`` with the world's sampler and judge; writes ``report.json`` to ``out_dir``.
     ``keep_verdicts``: keep each model's verdicts in ``out_dir`` by name, for reruns that add models
-    (the frontier's points; a name must always mean the same model)."""
+    (the frontier's points; a name must always mean the same model). ``preserved``: as ``compare``'s."""
     out_dir = Path(out_dir)
     judge = Judge(presets.source_folder(bundle.source))
     sampler = Sampler(bundle, config_report.steps, config_report.guidance_scale, batch_size=64)
     kept = out_dir / f"verdicts-steps{config_report.steps}-cfg{config_report.guidance_scale:g}" if keep_verdicts else None
     report = judge_joint(sampler, judge, models, shapes, config_report.images_per_group, config_report.split,
                          progress, kept)
-    report["settings"].update(steps=config_report.steps, guidance_scale=config_report.guidance_scale)
+    report["settings"].update(steps=config_report.steps, guidance_scale=config_report.guidance_scale,
+                              preserved=list(preserved))
     if distributed.is_leader():
         out_dir.mkdir(parents=True, exist_ok=True)
         tmp = out_dir / ".report.json.tmp"
@@ -225,7 +227,14 @@ def format_joint_table(report: dict) -> str:
     if any(changes):
         lines.append(f"{'not erased: change from the original':34s}"
                      + "".join(f"{'' if c is None else stats.points(c):>{width}s}" for c in changes))
-    return "\n".join(lines)
+    return "\n".join(lines + _preserved_line(report["settings"]))
+
+
+def _preserved_line(settings: dict) -> list[str]:
+    """The report's warning when a preservation term kept prompts: what they name was seen."""
+    preserved = settings.get("preserved")
+    return ([f"kept by the preservation term (seen by the erasure, a departure): {'; '.join(preserved)}"]
+            if preserved else [])
 
 
 # Offset of the quality check's seeds inside a split's range (the judging rows start at its base).
@@ -326,4 +335,4 @@ def format_table(report: dict) -> str:
     for name, m in methods.items():
         lines.append(f"{name}:")
         lines += [f"  {label:36s} {cell(m)}" for label, cell in rows]
-    return "\n".join(lines)
+    return "\n".join(lines + _preserved_line(settings))
