@@ -274,6 +274,10 @@ def base_config(source: str) -> ml_collections.ConfigDict:
         "split": "test",
         "steps": 25,
         "guidance_scale": 3.0,
+        # a joint erasure's report also judges each held shape's paraphrases ("<shape>:paraphrase"
+        # groups, after the rest so their seeds leave the other rows' as they were): prompts that a
+        # preservation term keeping the held shapes by name never saw
+        "held_paraphrases": False,
     })
     config.eval = ml_collections.ConfigDict({  # `coerase eval` (see coerase_jax/evaluate/suite.py)
         "prompts": "",  # prompt CSV ("" = the small world's judging prompts, for the small world)

@@ -16,7 +16,8 @@ So this config adds a DEPARTURE FROM THE PAPER: a preservation term (``concept.p
 ``erase.preserve_weight``) that keeps the held shapes' training prompts — "a cross", "a picture of a
 star", ... — at the teacher's predictions, with weight 1 (chosen on dev among 0.5, 1 and 2 and two
 erasure seeds, ``configs/frontier_joint_preserve.py``). The held shapes are therefore seen by the
-erasure (by name; never in the colours or the paraphrases), and the report says so. Keeping only
+erasure (by name; never in the colours or the paraphrases), and the report says so and also judges
+the held shapes' paraphrases, which the term never saw. Keeping only
 the diamond moved the damage to the cross (-16 points on dev): the term protects what it names.
 """
 
@@ -43,4 +44,5 @@ def get_config():
     # the report judges "a <colour> <shape>"), lambda 1
     config.concept.preserve = tuple(p for shape in HELD for p in world.SIX_SHAPES.concept_prompts(shape))
     config.erase.preserve_weight = 1.0
+    config.report.held_paraphrases = True  # the held shapes also in prompts the term never saw
     return config

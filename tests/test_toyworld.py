@@ -353,6 +353,28 @@ def test_joint_report_figures_are_the_judges_fractions():
     assert "remaining_change" not in original
     table = report.format_joint_table(got)
     assert "shows a triangle: paraphrases" in table and "50.0% (4/8)" in table and "star (not erased) right" in table
+    assert "paraphrases right" not in table and "preservation" not in table
+
+    # the held shapes' paraphrases (report.held_paraphrases): three more groups after the others, whose
+    # rows and figures stay as they were; a held paraphrase counts as drawn right like a named one
+    wider = report.judge_joint(sampler, Judge(sampler), {"original": "original", "erased": "erased"},
+                               ["circle", "square", "triangle"], images_per_group=8, split="dev", progress=False,
+                               held_paraphrases=True)
+    rows = report.joint_rows(["circle", "square", "triangle"], 8, "dev", six, held_paraphrases=True)
+    assert rows[:72] == report.joint_rows(["circle", "square", "triangle"], 8, "dev", six)
+    assert [r.group_name for r in rows[72::8]] == ["cross:paraphrase", "star:paraphrase", "diamond:paraphrase"]
+    assert all(" ".join(r.prompt.split()[2:]) in six.paraphrases[r.label] for r in rows[72:])
+    red_stars = sum(r.colour == "red" for r in rows[80:88])
+    assert 0 < red_stars < 8
+    w_original, w_erased = wider["methods"]["original"], wider["methods"]["erased"]
+    for key in ("per_concept", "remaining", "remaining_accuracy", "remaining_change"):
+        assert w_erased[key] == erased[key], key
+    assert {s: r["k"] for s, r in w_original["remaining_paraphrase_rates"].items()} == {"cross": 8, "star": 8, "diamond": 8}
+    assert {s: r["k"] for s, r in w_erased["remaining_paraphrase_rates"].items()} == {
+        "cross": 8, "star": 8 - red_stars, "diamond": 8}
+    assert w_erased["remaining_paraphrase_change"]["star"]["change"] == -red_stars / 8
+    assert f"{100 * (8 - red_stars) / 8:.1f}% ({8 - red_stars}/8)" in report.format_joint_table(wider)
+    assert "star paraphrases right" in report.format_joint_table(wider)
 
 
 def test_kept_joint_verdicts_are_reused_only_for_the_same_rows(tmp_path):

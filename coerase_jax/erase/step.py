@@ -169,10 +169,10 @@ def build_step(unet: UNet, image_proj: ImageProjection | None, plan: SamplingPla
         eps_cond, eps_uncond = teacher_terms(eps, compute(teacher), z, t, batch.text, batch.uncond_text,
                                              image_tokens, s, batch.added, batch.uncond_added)
         target = method.negative_guidance_target(eps_uncond, eps_cond, s.eta)
-        preserve = s.preserve_weight > 0
-        if preserve and batch.kept_text is None:
-            raise UserError("erase.preserve_weight > 0 needs prompts to keep (concept.preserve)")
-        if preserve:  # the kept prompts' own teacher predictions, text only, at the same z_t and t
+        kept_target = None
+        if s.preserve_weight > 0:  # the kept prompts' own teacher predictions, text only, at the same z_t and t
+            if batch.kept_text is None:
+                raise UserError("erase.preserve_weight > 0 needs prompts to keep (concept.preserve)")
             kept_target = jax.lax.stop_gradient(
                 eps(compute(teacher), z, t, batch.kept_text, **added_keyword(batch.kept_added)))
 
@@ -180,7 +180,7 @@ def build_step(unet: UNet, image_proj: ImageProjection | None, plan: SamplingPla
             params = compute(compose(trainable, frozen))
             prediction = eps(params, z, t, batch.text, image_tokens, s.image_scale, **added_keyword(batch.added))
             erasure = method.erasure_loss(prediction, target)
-            if not preserve:
+            if kept_target is None:
                 return erasure, {}
             kept = eps(params, z, t, batch.kept_text, **added_keyword(batch.kept_added))
             preservation = method.preservation_loss(kept, kept_target)

@@ -120,25 +120,31 @@ def compare(bundle, models: dict[str, dict], shape: str, config_report, out_dir:
     return report
 
 
-def joint_rows(shapes: list[str], images_per_group: int, split: str, of_world: world.World) -> list[PromptRow]:
+def joint_rows(shapes: list[str], images_per_group: int, split: str, of_world: world.World,
+               held_paraphrases: bool = False) -> list[PromptRow]:
     """A joint erasure's judging rows, each image its own seed: every erased shape's named and
-    paraphrase groups ("<shape>:named", "<shape>:paraphrase"), then each shape not erased."""
+    paraphrase groups ("<shape>:named", "<shape>:paraphrase"), then each shape not erased, then
+    (``held_paraphrases``) each shape not erased in its paraphrases ("<shape>:paraphrase")."""
     sets = {shape: prompt_sets(shape, of_world) for shape in shapes}
+    held = [s for s in of_world.shapes if s not in shapes]
     groups = [(f"{shape}:{kind}", sets[shape][shape if kind == "named" else "paraphrase"])
               for shape in shapes for kind in ("named", "paraphrase")]
-    groups += [(s, sets[shapes[0]][s]) for s in of_world.shapes if s not in shapes]
+    groups += [(s, sets[shapes[0]][s]) for s in held]
+    if held_paraphrases:
+        groups += [(f"{s}:paraphrase", prompt_sets(s, of_world)["paraphrase"]) for s in held]
     return rows_of_groups(groups, images_per_group, split)
 
 
 def judge_joint(sampler, judge: Judge, models: dict[str, dict], shapes: list[str], images_per_group: int, split: str,
-                progress: bool = True, verdicts_dir: Path | None = None) -> dict:
+                progress: bool = True, verdicts_dir: Path | None = None, held_paraphrases: bool = False) -> dict:
     """Each model's joint figures (the first model is the original): per erased shape the fractions
     of its named and paraphrase images the judge calls that shape; per shape not erased, the
-    fraction drawn right (shape and colour) and its paired change from the original's.
+    fraction drawn right (shape and colour) and its paired change from the original's, and with
+    ``held_paraphrases`` the same for its paraphrase images ("remaining_paraphrase...").
     With ``verdicts_dir``, each model's verdicts are kept there by name and reused when its rows
     are the same (the caller names the folder after the sampler's settings)."""
     remaining = [s for s in judge.world.shapes if s not in shapes]
-    rows = joint_rows(shapes, images_per_group, split, judge.world)
+    rows = joint_rows(shapes, images_per_group, split, judge.world, held_paraphrases)
     group = np.asarray([r.group_name for r in rows], object)
     held = np.isin(group, remaining)
     methods, baseline = {}, None
@@ -156,12 +162,19 @@ def judge_joint(sampler, judge: Judge, models: dict[str, dict], shapes: list[str
                          "remaining": {s: float(np.mean(right[group == s])) for s in remaining},
                          "remaining_rates": {s: stats.rate(right[group == s]) for s in remaining},
                          "remaining_accuracy": float(np.mean(right[held])) if remaining else None}
+        if held_paraphrases:
+            methods[name]["remaining_paraphrase_rates"] = {s: stats.rate(right[group == f"{s}:paraphrase"])
+                                                           for s in remaining}
         if baseline is None:
             baseline = right
         elif remaining:
             methods[name]["remaining_change"] = {
                 **{s: stats.paired_change(right[group == s], baseline[group == s]) for s in remaining},
                 "all": stats.paired_change(right[held], baseline[held])}
+            if held_paraphrases:
+                methods[name]["remaining_paraphrase_change"] = {
+                    s: stats.paired_change(right[group == f"{s}:paraphrase"], baseline[group == f"{s}:paraphrase"])
+                    for s in remaining}
     return {"concepts": list(shapes), "methods": methods,
             "settings": {"images_per_group": images_per_group, "split": split,
                          "seeds": [rows[0].seed, rows[-1].seed]}}
@@ -197,7 +210,7 @@ def compare_joint(bundle, models: dict[str, dict], shapes: list[str], config_rep
     sampler = Sampler(bundle, config_report.steps, config_report.guidance_scale, batch_size=64)
     kept = out_dir / f"verdicts-steps{config_report.steps}-cfg{config_report.guidance_scale:g}" if keep_verdicts else None
     report = judge_joint(sampler, judge, models, shapes, config_report.images_per_group, config_report.split,
-                         progress, kept)
+                         progress, kept, config_report.held_paraphrases)
     report["settings"].update(steps=config_report.steps, guidance_scale=config_report.guidance_scale,
                               preserved=list(preserved))
     if distributed.is_leader():
@@ -223,6 +236,9 @@ def format_joint_table(report: dict) -> str:
     for shape in next(iter(methods.values()))["remaining"]:
         lines.append(f"{f'{shape} (not erased) right':34s}"
                      + "".join(f"{cell(m['remaining_rates'][shape]):>{width}s}" for m in methods.values()))
+    for shape in next(iter(methods.values())).get("remaining_paraphrase_rates", {}):
+        lines.append(f"{f'{shape} paraphrases right':34s}"
+                     + "".join(f"{cell(m['remaining_paraphrase_rates'][shape]):>{width}s}" for m in methods.values()))
     changes = [m.get("remaining_change", {}).get("all") for m in methods.values()]
     if any(changes):
         lines.append(f"{'not erased: change from the original':34s}"
