@@ -375,6 +375,9 @@ def test_joint_report_figures_are_the_judges_fractions():
     assert w_erased["remaining_paraphrase_change"]["star"]["change"] == -red_stars / 8
     assert f"{100 * (8 - red_stars) / 8:.1f}% ({8 - red_stars}/8)" in report.format_joint_table(wider)
     assert "star paraphrases right" in report.format_joint_table(wider)
+    wider["settings"]["preserved"] = ["a star", "a cross"]  # a report of a run with a preservation term says so
+    assert report.format_joint_table(wider).splitlines()[-1] == (
+        "kept by the preservation term (seen by the erasure, a departure): a star; a cross")
 
 
 def test_kept_joint_verdicts_are_reused_only_for_the_same_rows(tmp_path):
