@@ -8,6 +8,10 @@ erasing circles costs the square and the diamond). These points keep the other f
 training prompts (``erase.preserve_weight``, a departure; the judged prompts carry a colour and are
 never kept) at the stronger learning rates that over-erased without the term; 400 iterations each,
 256 images a group (128 let a point through on the joint erasure).
+
+Two rounds (docs/experiments.md): the strong settings erase circles to <= 4 % named but cost the
+other shapes 8-9 points even with the term; 16 a step at text 1.25e-4 / image 2e-4 meets #18's
+targets on dev (6.6 % / 12.5 %, -3.0 points): ``configs/toyworld_six_preserve.py``.
 """
 
 from pathlib import Path
