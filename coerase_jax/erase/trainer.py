@@ -211,7 +211,7 @@ def preserved_prompts(config) -> list[str]:
     """``concept.preserve``, checked against ``erase.preserve_weight`` (each needs the other) and
     against the prompts being erased (a prompt cannot be both)."""
     kept = config.concept.preserve
-    if isinstance(kept, str) or not all(isinstance(p, str) and p for p in kept):
+    if not all(isinstance(p, str) and p for p in kept):  # (the config types it as a tuple)
         raise UserError(f"concept.preserve must be a tuple of prompts, got {kept!r}")
     if bool(kept) != (config.erase.preserve_weight > 0):
         raise UserError("concept.preserve and erase.preserve_weight go together: give both prompts to keep "
