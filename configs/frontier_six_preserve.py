@@ -38,5 +38,10 @@ def get_config():
         # second round: 1.5e-4 / 2.5e-4 sat at -5.0 with circles at 2.7 %: a little gentler
         ("keep_others_batch16", keep + (("erase.batch_size", 16), ("erase.preserve_weight", 1.0)),
          (("text_stage.learning_rate", (1.25e-4,)), ("image_stage.learning_rate", (2e-4,)))),
+        # third round: the text-only baseline with the same term, batch and budget (#18's gap)
+        ("text_only_keep_others", (("erase.stages", ("text",)), ("text_stage.steps", ITERATIONS),
+                                   ("concept.preserve", others), ("erase.batch_size", 16),
+                                   ("erase.preserve_weight", 1.0)),
+         (("text_stage.learning_rate", (2e-4, 4e-4, 8e-4, 1.6e-3, 3.2e-3)),)),
     )
     return config

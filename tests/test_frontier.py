@@ -9,7 +9,7 @@ import pytest
 from coerase_jax.configuration import load_config
 from coerase_jax.errors import UserError
 from coerase_jax.evaluate import stats
-from coerase_jax.evaluate.frontier import analyse, pareto_front, plan_points, point_config
+from coerase_jax.evaluate.frontier import analyse, format_markdown, pareto_front, plan_points, point_config
 
 
 def test_every_point_spends_the_same_budget(tmp_path):
@@ -66,6 +66,11 @@ def test_fronts_and_the_gap_at_matched_usability_by_hand():
     assert gap["difference"] == pytest.approx(0.40 - 0.20)
     assert gap["ci95"][0] < 0.2 < gap["ci95"][1] and gap["ci95"][0] > 0.05  # 40/100 vs 20/100: clearly apart
     assert "attack" not in frontier["gaps"]["text - image"]  # no attack was run
+    settings = {"iterations": 400, "split": "dev", "images_per_group": 100,
+                "attack": {"prompts": 64, "tokens": 0, "steps": 40}}
+    assert "100 images per group; no attack." in format_markdown({**frontier, "settings": settings})
+    settings["attack"]["tokens"] = 5
+    assert "the attack on 64 concept prompts (5 tokens, 40 steps)" in format_markdown({**frontier, "settings": settings})
     rows = [{"name": "a", "paraphrase": _rate(5, 10), "other_change": {"change": 0.0}},
             {"name": "b", "paraphrase": _rate(5, 10), "other_change": {"change": 0.0}}]
     assert pareto_front(rows, "paraphrase") == ["a", "b"]  # ties dominate nobody

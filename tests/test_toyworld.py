@@ -200,6 +200,22 @@ def test_joint_erasure_of_three_shapes_meets_the_issue_targets(tmp_path):
         assert joint["remaining"][shape] >= original["remaining"][shape] - 0.05, shape
 
 
+@pytest.mark.slow  # ~10 min: configs/toyworld_six_preserve.py as README runs it
+def test_six_shape_main_job_with_the_preservation_term_meets_the_issue_targets(tmp_path):
+    """Issue #18's thresholds carried to the six-shape world (#21), on the test seeds, 256 images a
+    group: circles in <= 10 % of the named and <= 20 % of the paraphrase images, the other five shapes
+    within 5 points — met only with the preservation term (a departure; the other five are kept by
+    name). Measured: 3.5 %, 10.9 %, -3.8 points (the paper's recipe, configs/toyworld_six.py: 18.4 %,
+    26.2 %, -6.2); erasure seeds 1 and 2 are in docs/experiments.md."""
+    report = _erase(tmp_path / "six", 256, "--config", "configs/toyworld_six_preserve.py")
+    original, co_erasing = report["methods"]["original"], report["methods"]["co_erasing"]
+    assert report["concept"] == "circle" and len(report["settings"]["preserved"]) == 15
+    assert original["erased_rate_named"] >= 0.9 and original["erased_rate_paraphrase"] >= 0.9
+    assert co_erasing["rates"]["named"]["n"] == co_erasing["rates"]["paraphrase"]["n"] == 256
+    assert co_erasing["erased_rate_named"] <= 0.10 and co_erasing["erased_rate_paraphrase"] <= 0.20
+    assert co_erasing["other_change"]["change"] >= -0.05
+
+
 @pytest.mark.slow  # ~2 min, compile-bound (six parts); kept out of the default run for its time budget
 def test_build_chain_writes_a_loadable_bundle_and_resumes_finished_parts(tmp_path):
     """A few steps of every part (not a useful model): the chain runs and its output loads like SD."""

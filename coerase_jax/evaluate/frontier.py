@@ -361,11 +361,16 @@ def format_joint_markdown(frontier: dict) -> str:
 # --------------------------------------------------------------------------- files
 
 
+def _attack_words(attack: dict) -> str:
+    if not attack["tokens"]:
+        return "no attack"
+    return f"the attack on {attack['prompts']} concept prompts ({attack['tokens']} tokens, {attack['steps']} steps)"
+
+
 def format_markdown(frontier: dict) -> str:
     s = frontier["settings"]
     lines = [f"# Frontier: erasing `{frontier['concept']}` at {s['iterations']} iterations per point", "",
-             f"Judged on the {s['split']} seeds, {s['images_per_group']} images per group; the attack on "
-             f"{s['attack']['prompts']} concept prompts ({s['attack']['tokens']} tokens, {s['attack']['steps']} steps). "
+             f"Judged on the {s['split']} seeds, {s['images_per_group']} images per group; {_attack_words(s['attack'])}. "
              f"Rates: % [95 % interval] (k/n); change in the other classes' accuracy from the original, paired, in "
              f"points. FID and CLIP score: the rows not about the concept ({frontier['fid_features']}).", "",
              "| point | named | paraphrase | under attack | other classes | change | FID | CLIP | clean (named / para) |",
