@@ -18,7 +18,7 @@ from pathlib import Path
 from coerase_jax.configuration import load_config_file
 
 ITERATIONS = 400
-TEXT_ONLY_LEARNING_RATE = 4e-4  # chosen on dev (docs/experiments.md)
+TEXT_ONLY_LEARNING_RATE = 8e-4  # chosen on dev (docs/experiments.md)
 
 
 def get_config():

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from PIL import Image
 
 from coerase_jax.cli import main
@@ -44,6 +45,7 @@ def test_eval_without_a_prompt_file_or_with_an_unfinished_run_is_a_one_line_erro
     assert code == 2 and "not a run directory" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # (50-130 s, compile-bound; the joint analysis is tested by hand in test_frontier.py)
 def test_a_joint_frontier_trains_judges_and_marks_its_points(tmp_path, capsys):
     """`coerase frontier` on a joint erasure, end to end at toy size: references per concept, every
     point trained, each model judged once as the joint report is, frontier.md printed and written;

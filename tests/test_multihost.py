@@ -90,6 +90,7 @@ def _losses(run_dir) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in map(json.loads, lines)}
 
 
+@pytest.mark.slow  # (~2-4 min with its one-process fixture; kept out of the default run for its time budget)
 @pytest.mark.cross_program
 def test_two_processes_match_one_process_over_the_same_mesh(tmp_path, tiny_bundle, one_host):
     run_dir = tmp_path / "run"
