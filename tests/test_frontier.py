@@ -71,6 +71,10 @@ def test_fronts_and_the_gap_at_matched_usability_by_hand():
     assert "100 images per group; no attack." in format_markdown({**frontier, "settings": settings})
     settings["attack"]["tokens"] = 5
     assert "the attack on 64 concept prompts (5 tokens, 40 steps)" in format_markdown({**frontier, "settings": settings})
+    unmatched = analyse({"concept": "circle", "judge": "j", "fid_features": "f", "methods": methods},
+                        points, 0.005)  # no point within half a point: no gap, and the file says why
+    assert unmatched["gaps"]["text - image"] == {}
+    assert "- text - image: – (a method has no point within the bound)" in format_markdown({**unmatched, "settings": settings})
     rows = [{"name": "a", "paraphrase": _rate(5, 10), "other_change": {"change": 0.0}},
             {"name": "b", "paraphrase": _rate(5, 10), "other_change": {"change": 0.0}}]
     assert pareto_front(rows, "paraphrase") == ["a", "b"]  # ties dominate nobody

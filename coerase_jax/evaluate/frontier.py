@@ -399,7 +399,7 @@ def format_markdown(frontier: dict) -> str:
         lines += ["", "Gaps at matched usability (first method minus each other; positive: the other erases more):", ""]
         for pair, per in frontier["gaps"].items():
             cells = "; ".join(f"{label} {stats.points(per[e])}" for e, label in EFFICACY if e in per)
-            lines.append(f"- {pair}: {cells}")
+            lines.append(f"- {pair}: {cells or '– (a method has no point within the bound)'}")
     return "\n".join(lines) + "\n"
 
 
