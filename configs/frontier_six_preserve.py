@@ -51,5 +51,9 @@ def get_config():
         ("gentler_batch16_seeds", keep + (("erase.batch_size", 16), ("erase.preserve_weight", 1.0),
                                           ("text_stage.learning_rate", 1e-4),
                                           ("image_stage.learning_rate", 1.5e-4)), (("erase.seed", (0, 1, 2)),)),
+        # fifth round: between the two (the next test look's candidate; docs/experiments.md)
+        ("middle_batch16_seeds", keep + (("erase.batch_size", 16), ("erase.preserve_weight", 1.0),
+                                         ("text_stage.learning_rate", 1.1e-4),
+                                         ("image_stage.learning_rate", 1.75e-4)), (("erase.seed", (0, 1, 2)),)),
     )
     return config
