@@ -30,13 +30,14 @@ def get_config():
                    for p in world.SIX_SHAPES.concept_prompts(shape))
     keep = (("erase.stages", ("text", "image")), ("text_stage.steps", ITERATIONS // 2),
             ("image_stage.steps", ITERATIONS // 2), ("concept.preserve", others))
+    batch16 = keep + (("erase.batch_size", 16), ("erase.preserve_weight", 1.0))
     config.frontier.methods = (
         ("keep_others", keep + (("text_stage.learning_rate", 2e-4), ("image_stage.learning_rate", 4e-4)),
          (("erase.preserve_weight", (1.0, 2.0)),)),
-        ("keep_others_batch16", keep + (("erase.batch_size", 16), ("erase.preserve_weight", 1.0)),
+        ("keep_others_batch16", batch16,
          (("text_stage.learning_rate", (1.5e-4,)), ("image_stage.learning_rate", (2.5e-4,)))),
         # second round: 1.5e-4 / 2.5e-4 sat at -5.0 with circles at 2.7 %: a little gentler
-        ("keep_others_batch16", keep + (("erase.batch_size", 16), ("erase.preserve_weight", 1.0)),
+        ("keep_others_batch16", batch16,
          (("text_stage.learning_rate", (1.25e-4,)), ("image_stage.learning_rate", (2e-4,)))),
         # third round: the text-only baseline with the same term, batch and budget (#18's gap)
         ("text_only_keep_others", (("erase.stages", ("text",)), ("text_stage.steps", ITERATIONS),
@@ -45,15 +46,12 @@ def get_config():
          (("text_stage.learning_rate", (2e-4, 4e-4, 8e-4, 1.6e-3, 3.2e-3)),)),
         # fourth round, after the test look over three erasure seeds (seeds 1 and 2 cost the other
         # shapes 6 points): the chosen point's other seeds on dev, and a gentler point over all three
-        ("keep_others_batch16_seeds", keep + (("erase.batch_size", 16), ("erase.preserve_weight", 1.0),
-                                              ("text_stage.learning_rate", 1.25e-4),
-                                              ("image_stage.learning_rate", 2e-4)), (("erase.seed", (1, 2)),)),
-        ("gentler_batch16_seeds", keep + (("erase.batch_size", 16), ("erase.preserve_weight", 1.0),
-                                          ("text_stage.learning_rate", 1e-4),
-                                          ("image_stage.learning_rate", 1.5e-4)), (("erase.seed", (0, 1, 2)),)),
+        ("keep_others_batch16_seeds", batch16 + (("text_stage.learning_rate", 1.25e-4),
+                                                 ("image_stage.learning_rate", 2e-4)), (("erase.seed", (1, 2)),)),
+        ("gentler_batch16_seeds", batch16 + (("text_stage.learning_rate", 1e-4), ("image_stage.learning_rate", 1.5e-4)),
+         (("erase.seed", (0, 1, 2)),)),
         # fifth round: between the two (the next test look's candidate; docs/experiments.md)
-        ("middle_batch16_seeds", keep + (("erase.batch_size", 16), ("erase.preserve_weight", 1.0),
-                                         ("text_stage.learning_rate", 1.1e-4),
-                                         ("image_stage.learning_rate", 1.75e-4)), (("erase.seed", (0, 1, 2)),)),
+        ("middle_batch16_seeds", batch16 + (("text_stage.learning_rate", 1.1e-4), ("image_stage.learning_rate", 1.75e-4)),
+         (("erase.seed", (0, 1, 2)),)),
     )
     return config

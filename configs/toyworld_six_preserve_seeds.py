@@ -23,7 +23,6 @@ TEXT_ONLY_LEARNING_RATE = 8e-4  # chosen on dev (docs/experiments.md)
 
 def get_config():
     config = load_config_file(str(Path(__file__).with_name("toyworld_six_preserve.py")))
-    main_job = config.copy_and_resolve_references()
     config.run_dir = "runs/toyworld-six-preserve-seeds"
     config.report.kind = ""  # each point is judged by the frontier, not by `erase`'s report
     config.report.images_per_group = 256
@@ -34,9 +33,8 @@ def get_config():
     config.frontier.methods = (
         ("text_only_keep_others", (("erase.stages", ("text",)), ("text_stage.steps", ITERATIONS),
                                    ("text_stage.learning_rate", TEXT_ONLY_LEARNING_RATE)), seeds),
+        # the main job's own learning rates, which the config already holds
         ("co_erasing_keep_others", (("erase.stages", ("text", "image")), ("text_stage.steps", ITERATIONS // 2),
-                                    ("image_stage.steps", ITERATIONS // 2),
-                                    ("text_stage.learning_rate", main_job.text_stage.learning_rate),
-                                    ("image_stage.learning_rate", main_job.image_stage.learning_rate)), seeds),
+                                    ("image_stage.steps", ITERATIONS // 2)), seeds),
     )
     return config
